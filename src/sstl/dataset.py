@@ -1,0 +1,61 @@
+"""The packed dataset: one uint8 array per split plus a manifest; what every training stage reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sstl.errors import SstlError
+from sstl.files import atomic_path, read_csv, read_json
+
+SPLITS = ("labeled", "val", "unlabeled", "test", "test-add")
+MANIFEST_FIELDS = ("path", "split", "label", "label_index", "sha256")
+
+
+@dataclass
+class ImageSet:
+    """images: uint8 (N, H, W, 3); labels: int64 (N,), -1 where unknown; paths: N source paths."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    paths: list[str]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, index: torch.Tensor) -> ImageSet:
+        return ImageSet(self.images[index], self.labels[index], [self.paths[i] for i in index.tolist()])
+
+    @staticmethod
+    def concat(*sets: ImageSet) -> ImageSet:
+        return ImageSet(
+            torch.cat([s.images for s in sets]),
+            torch.cat([s.labels for s in sets]),
+            [p for s in sets for p in s.paths],
+        )
+
+
+def save_images(path: Path, images: np.ndarray) -> None:
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
+        np.save(f, images)
+
+
+def load_split(prepared: Path, split: str) -> ImageSet:
+    """Read one split of a prepared dataset (images in manifest order)."""
+    prepared = Path(prepared)
+    if split not in SPLITS:
+        raise SstlError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
+    npy = prepared / f"{split}.npy"
+    if not npy.is_file():
+        raise SstlError(f"{npy} not found: run the prepare stage first (`dvc repro prepare`)")
+    rows = [r for r in read_csv(prepared / "manifest.csv") if r["split"] == split]
+    images = torch.from_numpy(np.load(npy))
+    labels = torch.tensor([int(r["label_index"]) for r in rows], dtype=torch.int64)
+    return ImageSet(images, labels.reshape(-1), [r["path"] for r in rows])
+
+
+def load_classes(prepared: Path) -> list[str]:
+    return list(read_json(Path(prepared) / "classes.json"))

@@ -1,0 +1,163 @@
+"""params.yaml, typed and validated: a typo, a wrong type or a value out of range fails loudly.
+
+The sections mirror the stages; each stage reads the whole file (so it is checked before anything is
+written) and hands the typed pieces it needs to the library.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sstl.errors import ParamsError, SstlError
+from sstl.models import ModelConfig, check_arch
+from sstl.pseudolabel import SelectConfig
+from sstl.training import TrainConfig
+from sstl.transforms import AugmentConfig
+from sstl.tune import SpaceEntry
+
+
+def _arch(v: str) -> str:
+    try:
+        return check_arch(v)
+    except SstlError as err:
+        raise ValueError(str(err)) from None
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataParams(Strict):
+    folder: str = Field("data/demo", description="image folder: labeled/, unlabeled/, test/, [val/], [test-add/]")
+    image_size: int = Field(32, ge=8, le=1024, description="side of the packed square images, pixels")
+    val_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="share of labeled moved to val when no val/")
+
+
+class DemoParams(Strict):
+    labels_per_class: int = Field(20, ge=2, le=100)
+    test_fraction: float = Field(0.2, gt=0.0, lt=0.5)
+    test_add_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+
+
+class MlflowParams(Strict):
+    experiment: str = Field("sstl", min_length=1)
+
+
+class TeacherParams(ModelConfig, TrainConfig):
+    """Teacher network and schedule; `tune` searches some of these keys."""
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        return _arch(v)
+
+    def model(self) -> ModelConfig:
+        return ModelConfig.model_validate(self.model_dump(include=set(ModelConfig.model_fields)))
+
+    def schedule(self) -> TrainConfig:
+        return TrainConfig.model_validate(self.model_dump(include=set(TrainConfig.model_fields)))
+
+
+class StudentParams(TeacherParams):
+    augment: AugmentConfig = AugmentConfig()
+
+
+class FinetuneParams(Strict):
+    """The student fine-tuned on the clean labelled set, all blocks trainable, at a small LR."""
+
+    lr: float = Field(1e-4, gt=0.0, le=1.0)
+    epochs: int = Field(5, ge=0)
+    batch_size: int = Field(64, ge=1)
+    patience: int = Field(3, ge=1)
+    plateau_patience: int = Field(1, ge=0)
+
+    def schedule(self) -> TrainConfig:
+        return TrainConfig(
+            head_epochs=0, epochs=self.epochs, lr=self.lr, finetune_lr=self.lr, unfreeze_blocks=1000,
+            batch_size=self.batch_size, patience=self.patience, plateau_patience=self.plateau_patience,
+        )
+
+
+class TuneParams(Strict):
+    n_random: int = Field(10, ge=1, description="random trials before the guided ones")
+    n_guided: int = Field(15, ge=0, description="Gaussian-process guided trials")
+    space: dict[str, SpaceEntry] = Field(default_factory=dict)
+
+    @field_validator("space")
+    @classmethod
+    def _teacher_keys(cls, space: dict[str, SpaceEntry]) -> dict[str, SpaceEntry]:
+        allowed = set(TeacherParams.model_fields) - {"arch", "weights"}
+        unknown = sorted(set(space) - allowed)
+        if unknown:
+            raise ValueError(f"not a teacher key: {', '.join(unknown)} (valid: {', '.join(sorted(allowed))})")
+        return space
+
+
+class EvaluateParams(Strict):
+    ece_bins: int = Field(15, ge=1, le=100)
+
+
+class Params(Strict):
+    seed: int = Field(42, ge=0)
+    data: DataParams = DataParams()
+    demo: DemoParams = DemoParams()
+    mlflow: MlflowParams = MlflowParams()
+    tune: TuneParams = TuneParams()
+    teacher: TeacherParams = TeacherParams()
+    pseudolabel: SelectConfig = SelectConfig()
+    student: StudentParams = StudentParams(arch="resnet34")
+    finetune: FinetuneParams = FinetuneParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+    @model_validator(mode="after")
+    def _tuned_values_fit(self) -> Params:
+        # every corner of the search space must itself be a valid teacher: fail now, not at trial 17
+        for key, entry in self.tune.space.items():
+            for value in entry.values if entry.values is not None else [entry.low, entry.high]:
+                if isinstance(value, float) and value.is_integer() and entry.values is None:
+                    value = int(value)
+                try:
+                    TeacherParams.model_validate({**self.teacher.model_dump(), key: value})
+                except ValidationError as err:
+                    raise ValueError(f"tune.space.{key}: {value!r} is not a valid teacher.{key}: "
+                                     f"{err.errors()[0]['msg']}") from None
+        return self
+
+
+def describe(err: ValidationError) -> str:
+    """All of pydantic's complaints on one line, each naming its key: `teacher.lr: ...`."""
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(x) for x in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling against params.yaml's documented keys)"
+        parts.append((f"{key}: " if key else "") + msg + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden" and
+                                          not isinstance(e["input"], dict) else ""))
+    return "; ".join(parts)
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections (seed, data, teacher, ...)")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(f"{source}: {describe(err)}") from None
+
+
+def load_params(path: Path | str = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path} not found: run from the project root (where dvc.yaml is)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ParamsError(f"{path}: not valid YAML{where}: fix the syntax") from None
+    return parse_params(raw, str(path))

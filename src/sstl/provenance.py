@@ -1,0 +1,37 @@
+"""Where a result came from: git commit, DVC experiment, pipeline execution."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+
+
+def git_commit(cwd: Path | str | None = None) -> str:
+    """HEAD's commit hash, or 'unknown' outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def dvc_experiment() -> str:
+    """The name `dvc exp run` gives this execution (it sets DVC_EXP_NAME), else 'workspace'."""
+    return os.environ.get("DVC_EXP_NAME") or "workspace"
+
+
+def pipeline_id(params_file: Path | str = "params.yaml") -> str:
+    """Identifies one pipeline execution so its stage runs can be grouped.
+
+    `sstl run` sets SSTL_PIPELINE_ID; a plain `dvc repro` does not, so then the id is derived from
+    what defines the execution: the DVC experiment, the commit and the params file's content.
+    """
+    if os.environ.get("SSTL_PIPELINE_ID"):
+        return os.environ["SSTL_PIPELINE_ID"]
+    text = Path(params_file).read_bytes() if Path(params_file).is_file() else b""
+    key = f"{dvc_experiment()}|{git_commit()}|".encode() + text
+    return hashlib.sha256(key).hexdigest()[:12]

@@ -1,0 +1,122 @@
+"""The steps the stages are made of, with explicit arguments: stages, CLI and tests call these.
+
+Each step trains or scores with the pure library (training, pseudolabel, metrics) and hands its
+figures to `tracking`, so no training loop ever talks to MLflow itself.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import torch
+
+from sstl import tracking
+from sstl.dataset import ImageSet
+from sstl.files import write_csv
+from sstl.metrics import classification_report
+from sstl.models import Classifier, ModelConfig, create_model, save_checkpoint
+from sstl.params import TeacherParams
+from sstl.pseudolabel import SelectConfig, infer, select_threshold, select_topk
+from sstl.transforms import normalize
+from sstl.training import FitResult, TrainConfig, fit, seed_everything
+from sstl.tune import SpaceEntry, search
+
+
+def fit_summary(result: FitResult) -> dict[str, float]:
+    return {
+        "best_val_loss": result.best_val_loss,
+        "best_val_acc": result.best_val_acc,
+        "epochs_run": len(result.history),
+        "train_seconds": round(result.seconds, 3),
+        "train_images_per_second": round(result.images_per_second, 1),
+    }
+
+
+def build_model(cfg: ModelConfig, num_classes: int, seed: int) -> Classifier:
+    """create_model with the RNG seeded first, so the same seed gives the same initial weights."""
+    seed_everything(seed)
+    return create_model(cfg, num_classes)
+
+
+def train_and_save(
+    model: Classifier,
+    model_cfg: ModelConfig,
+    schedule: TrainConfig,
+    train: ImageSet,
+    val: ImageSet,
+    classes: list[str],
+    seed: int,
+    checkpoint: Path,
+    curve: Path,
+    augment: A.Compose | None = None,
+    config: dict[str, Any] | None = None,
+) -> FitResult:
+    """Fit, then write the checkpoint (with its resolved config) and the per-epoch curve; log both."""
+    result = fit(model, train, val, schedule, len(classes), seed, augment, tracking.log_epoch, desc=checkpoint.stem)
+    image_size = int(train.images.shape[1])
+    save_checkpoint(checkpoint, model, model_cfg, classes, image_size, config=config or {}, fit=fit_summary(result))
+    write_csv(curve, result.history)
+    tracking.log_metrics(fit_summary(result))
+    tracking.log_artifacts(curve)
+    tracking.log_model(model, normalize(val.images[:2]).numpy())
+    return result
+
+
+def tune_teacher(
+    teacher: TeacherParams,
+    space: dict[str, SpaceEntry],
+    train: ImageSet,
+    val: ImageSet,
+    num_classes: int,
+    n_random: int,
+    n_guided: int,
+    seed: int,
+) -> list[dict[str, Any]]:
+    """Search `space` around `teacher`; each trial trains a teacher and is logged as a nested run."""
+
+    def objective(trial: int, overrides: dict[str, Any]) -> dict[str, float]:
+        cfg = TeacherParams.model_validate({**teacher.model_dump(), **overrides})
+        with tracking.trial_run(trial, overrides):
+            model = build_model(cfg.model(), num_classes, seed)
+            result = fit(model, train, val, cfg.schedule(), num_classes, seed, None, tracking.log_epoch, f"trial {trial}")
+            figures = {"val_loss": result.best_val_loss, "val_acc": result.best_val_acc}
+            tracking.log_metrics(figures)
+        return figures
+
+    trials = search(space, objective, n_random, n_guided, seed)
+    for t in trials:
+        tracking.log_metrics({"trial_val_loss": t["val_loss"], "best_so_far": t["best_so_far"]}, step=t["trial"])
+    return trials
+
+
+def pseudolabel(
+    model: Classifier, pool: ImageSet, cfg: SelectConfig, classes: list[str]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Score the pool with the teacher and select; returns (selected rows, per-class counts)."""
+    probs = infer(model, pool.images, cfg.batch_size, desc="pseudo-label").softmax(1)
+    if cfg.method == "threshold":
+        index, label, score = select_threshold(probs, cfg.threshold)
+    else:
+        index, label, score = select_topk(probs, cfg.top_k, cfg.top_p)
+    rows = [
+        {"index": i, "path": pool.paths[i], "label": classes[c], "label_index": c, "score": round(s, 6)}
+        for i, c, s in zip(index.tolist(), label.tolist(), score.tolist(), strict=True)
+    ]
+    n = Counter(r["label"] for r in rows)
+    counts = [{"class": name, "count": n.get(name, 0)} for name in classes]
+    return rows, counts
+
+
+def pseudo_set(pool: ImageSet, rows: list[dict[str, str]]) -> ImageSet:
+    """The pseudo-labelled images as an ImageSet (an image chosen for two classes appears twice)."""
+    index = torch.tensor([int(r["index"]) for r in rows], dtype=torch.int64)
+    chosen = pool.subset(index)
+    chosen.labels = torch.tensor([int(r["label_index"]) for r in rows], dtype=torch.int64)
+    return chosen
+
+
+def evaluate_model(model: Classifier, data: ImageSet, num_classes: int, bins: int) -> dict[str, Any]:
+    return classification_report(infer(model, data.images, desc="evaluate"), data.labels, num_classes, bins)

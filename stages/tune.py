@@ -1,0 +1,36 @@
+"""Stage tune: scikit-optimize over the teacher's search space; objective = validation loss."""
+
+from pathlib import Path
+
+from sstl import tracking
+from sstl.dataset import load_classes, load_split
+from sstl.errors import stage_main
+from sstl.files import write_csv, write_json
+from sstl.params import load_params
+from sstl.tune import best_params
+from sstl.workflow import tune_teacher
+
+PREPARED = Path("data/prepared")
+OUT = Path("reports/tune")
+
+
+@stage_main
+def main() -> None:
+    p = load_params()
+    labeled, val = load_split(PREPARED, "labeled"), load_split(PREPARED, "val")
+    classes = load_classes(PREPARED)
+    run_params = {"seed": p.seed, "tune": p.tune.model_dump(), "teacher": p.teacher.model_dump()}
+    with tracking.stage_run("tune", p.mlflow.experiment, run_params):
+        trials = tune_teacher(
+            p.teacher, p.tune.space, labeled, val, len(classes), p.tune.n_random, p.tune.n_guided, p.seed
+        )
+        best = best_params(trials, list(p.tune.space))
+        write_csv(OUT / "trials.csv", trials)
+        write_csv(OUT / "convergence.csv", [{k: t[k] for k in ("trial", "val_loss", "best_so_far")} for t in trials])
+        write_json(OUT / "best_params.json", best)
+        tracking.log_artifacts(OUT)
+    print(f"tune: best of {len(trials)} trials: val_loss={min(t['val_loss'] for t in trials):.4f} {best}")
+
+
+if __name__ == "__main__":
+    main()
