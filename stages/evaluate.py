@@ -32,7 +32,10 @@ def main() -> None:
                 r = evaluate_model(model, d, len(classes), p.evaluate.ece_bins)
                 metrics.setdefault(name, {})[split] = {k: round(r[k], 4) for k in ("accuracy", "macro_f1", "ece")}
                 per_class.setdefault(name, {})[split] = dict(zip(classes, r["per_class_accuracy"], strict=True))
-                rows = [{"actual": classes[t], "predicted": classes[q]} for t, q in zip(d.labels.tolist(), r["predictions"], strict=True)]
+                rows = [
+                    {"actual": classes[t], "predicted": classes[q]}
+                    for t, q in zip(d.labels.tolist(), r["predictions"], strict=True)
+                ]
                 write_csv(CONFUSION / f"{name}-{split}.csv", rows)
         write_json(METRICS, metrics)
         write_json(PER_CLASS, per_class)

@@ -23,8 +23,16 @@ def main() -> None:
     classes = load_classes(PREPARED)
     with tracking.stage_run("finetune", p.mlflow.experiment, {"seed": p.seed, "finetune": p.finetune.model_dump()}):
         result = train_and_save(
-            model, ModelConfig.model_validate(meta["model"]), p.finetune.schedule(), labeled, val, classes,
-            p.seed, MODEL, CURVE, config={"finetune": p.finetune.model_dump(), "from": str(STUDENT), "seed": p.seed},
+            model,
+            ModelConfig.model_validate(meta["model"]),
+            p.finetune.schedule(),
+            labeled,
+            val,
+            classes,
+            p.seed,
+            MODEL,
+            CURVE,
+            config={"finetune": p.finetune.model_dump(), "from": str(STUDENT), "seed": p.seed},
         )
     print(f"finetune: val_loss={result.best_val_loss:.4f} val_acc={result.best_val_acc:.4f} -> {MODEL}")
 

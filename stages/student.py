@@ -28,8 +28,17 @@ def main() -> None:
         tracking.log_metrics({"n_labeled": len(labeled), "n_pseudo": len(pseudo)})
         model = build_model(p.student.model(), len(classes), p.seed)
         result = train_and_save(
-            model, p.student.model(), p.student.schedule(), train, val, classes, p.seed, MODEL, CURVE,
-            augment=augment, config={"student": p.student.model_dump(), "seed": p.seed},
+            model,
+            p.student.model(),
+            p.student.schedule(),
+            train,
+            val,
+            classes,
+            p.seed,
+            MODEL,
+            CURVE,
+            augment=augment,
+            config={"student": p.student.model_dump(), "seed": p.seed},
         )
     print(f"student: val_loss={result.best_val_loss:.4f} val_acc={result.best_val_acc:.4f} -> {MODEL}")
 

@@ -24,7 +24,15 @@ def main() -> None:
     with tracking.stage_run("teacher", p.mlflow.experiment, {"seed": p.seed, "teacher": cfg.model_dump()}):
         model = build_model(cfg.model(), len(classes), p.seed)
         result = train_and_save(
-            model, cfg.model(), cfg.schedule(), labeled, val, classes, p.seed, MODEL, CURVE,
+            model,
+            cfg.model(),
+            cfg.schedule(),
+            labeled,
+            val,
+            classes,
+            p.seed,
+            MODEL,
+            CURVE,
             config={"teacher": cfg.model_dump(), "seed": p.seed},
         )
     print(f"teacher: val_loss={result.best_val_loss:.4f} val_acc={result.best_val_acc:.4f} -> {MODEL}")

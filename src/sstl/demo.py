@@ -25,7 +25,9 @@ def shift_and_noise(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(moved + rng.normal(0.0, 24.0, size=img.shape), 0, 255).astype(np.uint8)
 
 
-def write_demo(out: Path, labels_per_class: int, test_fraction: float, test_add_fraction: float, seed: int) -> dict[str, int]:
+def write_demo(
+    out: Path, labels_per_class: int, test_fraction: float, test_add_fraction: float, seed: int
+) -> dict[str, int]:
     """Split the 1,797 digits per class into labeled / unlabeled / test / test-add PNG folders."""
     digits = load_digits()
     images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)  # 0..16 ink levels -> 0..255

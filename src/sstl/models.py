@@ -26,12 +26,12 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
-def _resnet_blocks(m: nn.Module) -> tuple[list[nn.Module], int]:
+def _resnet_blocks(m: Any) -> tuple[list[nn.Module], int]:
     stem = nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool)
     return [stem, m.layer1, m.layer2, m.layer3, m.layer4], m.fc.in_features
 
 
-def _features_blocks(m: nn.Module) -> tuple[list[nn.Module], int]:
+def _features_blocks(m: Any) -> tuple[list[nn.Module], int]:
     # mobilenet / efficientnet: `features` is a Sequential of stages; its last conv sets the width.
     blocks = list(m.features)
     last_conv = [c for c in blocks[-1].modules() if isinstance(c, nn.Conv2d)][-1]
@@ -39,7 +39,7 @@ def _features_blocks(m: nn.Module) -> tuple[list[nn.Module], int]:
 
 
 # arch name -> how to cut the torchvision model into (blocks, feature width)
-ARCHS: dict[str, Callable[[nn.Module], tuple[list[nn.Module], int]]] = {
+ARCHS: dict[str, Callable[[Any], tuple[list[nn.Module], int]]] = {
     "resnet18": _resnet_blocks,
     "resnet34": _resnet_blocks,
     "resnet50": _resnet_blocks,
@@ -109,17 +109,18 @@ def create_model(cfg: ModelConfig, num_classes: int) -> Classifier:
 
 
 def _load_backbone(net: nn.Module, arch: str, weights: str) -> None:
+    state: Any
     if weights == "imagenet":
         state = _imagenet_state_dict(arch)
     else:
         path = Path(weights)
         if not path.is_file():
-            raise SstlError(
-                f"weights file {path} not found: set weights to none, imagenet, or a state-dict file path"
-            )
+            raise SstlError(f"weights file {path} not found: set weights to none, imagenet, or a state-dict file path")
         state = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]
+            state = state["state_dict"]  # an sstl checkpoint or a training-script dump
+        if not isinstance(state, dict):
+            raise SstlError(f"weights file {path} holds no state dict: save one with torch.save(model.state_dict(), path)")
     # Keep only tensors that fit: a file trained for another number of classes still gives its backbone.
     own = net.state_dict()
     fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}

@@ -77,8 +77,14 @@ class FinetuneParams(Strict):
 
     def schedule(self) -> TrainConfig:
         return TrainConfig(
-            head_epochs=0, epochs=self.epochs, lr=self.lr, finetune_lr=self.lr, unfreeze_blocks=1000,
-            batch_size=self.batch_size, patience=self.patience, plateau_patience=self.plateau_patience,
+            head_epochs=0,
+            epochs=self.epochs,
+            lr=self.lr,
+            finetune_lr=self.lr,
+            unfreeze_blocks=1000,
+            batch_size=self.batch_size,
+            patience=self.patience,
+            plateau_patience=self.plateau_patience,
         )
 
 
@@ -123,8 +129,9 @@ class Params(Strict):
                 try:
                     TeacherParams.model_validate({**self.teacher.model_dump(), key: value})
                 except ValidationError as err:
-                    raise ValueError(f"tune.space.{key}: {value!r} is not a valid teacher.{key}: "
-                                     f"{err.errors()[0]['msg']}") from None
+                    raise ValueError(
+                        f"tune.space.{key}: {value!r} is not a valid teacher.{key}: {err.errors()[0]['msg']}"
+                    ) from None
         return self
 
 
@@ -136,8 +143,11 @@ def describe(err: ValidationError) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check its spelling against params.yaml's documented keys)"
-        parts.append((f"{key}: " if key else "") + msg + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden" and
-                                          not isinstance(e["input"], dict) else ""))
+        parts.append(
+            (f"{key}: " if key else "")
+            + msg
+            + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden" and not isinstance(e["input"], dict) else "")
+        )
     return "; ".join(parts)
 
 

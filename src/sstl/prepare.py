@@ -116,11 +116,15 @@ def prepare_folder(root: Path, out: Path, image_size: int, val_fraction: float, 
     class_dirs = sorted(p.name for p in (Path(root) / "labeled").iterdir() if p.is_dir())
     for name in class_dirs:
         if name not in classes:
-            raise SstlError(f"class {name!r} has no readable labelled image: add images to labeled/{name}/ or remove it")
+            raise SstlError(
+                f"class {name!r} has no readable labelled image: add images to labeled/{name}/ or remove it"
+            )
     for split in ("val", "test", "test-add"):
         unknown = sorted({e.label for e in kept if e.split == split} - set(classes))
         if unknown:
-            raise SstlError(f"{split}/ has classes not in labeled/: {', '.join(unknown)}; add them to labeled/ or remove them")
+            raise SstlError(
+                f"{split}/ has classes not in labeled/: {', '.join(unknown)}; add them to labeled/ or remove them"
+            )
 
     # Exact duplicates of evaluation images must not leak into the unlabelled pool.
     eval_hashes = {e.sha256: e.path for e in kept if e.split in ("val", "test", "test-add")}
@@ -149,10 +153,15 @@ def prepare_folder(root: Path, out: Path, image_size: int, val_fraction: float, 
         save_images(out / f"{split}.npy", stack)
         for i in idx:
             e = kept[i]
-            rows.append({
-                "path": str(e.path.relative_to(root)), "split": split, "label": e.label,
-                "label_index": classes.index(e.label) if e.label else -1, "sha256": e.sha256,
-            })
+            rows.append(
+                {
+                    "path": str(e.path.relative_to(root)),
+                    "split": split,
+                    "label": e.label,
+                    "label_index": classes.index(e.label) if e.label else -1,
+                    "sha256": e.sha256,
+                }
+            )
     for split in ("labeled", "val", "test"):
         if counts[split] == 0:
             raise SstlError(f"no readable image in {split}: check the folder {root}")

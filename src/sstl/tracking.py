@@ -33,14 +33,14 @@ def tracking_uri() -> str:
 
 
 def _experiment_id(name: str) -> str:
+    """Make `name` the active experiment (created on first use), so nested runs land in it too."""
     mlflow.set_tracking_uri(tracking_uri())
-    found = mlflow.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    location = None
-    if tracking_uri().startswith("sqlite:"):
-        location = (Path.cwd() / ARTIFACTS_DIR).resolve().as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)
+    if mlflow.get_experiment_by_name(name) is None:
+        location = None
+        if tracking_uri().startswith("sqlite:"):
+            location = (Path.cwd() / ARTIFACTS_DIR).resolve().as_uri()
+        mlflow.create_experiment(name, artifact_location=location)
+    return mlflow.set_experiment(name).experiment_id
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -63,8 +63,12 @@ def _pipeline_run(client: MlflowClient, experiment_id: str, pid: str) -> str:
     run = client.create_run(
         experiment_id,
         run_name=f"pipeline-{pid}",
-        tags={"sstl.pipeline": pid, "sstl.kind": "pipeline", "git_commit": git_commit(),
-              "dvc_experiment": dvc_experiment()},
+        tags={
+            "sstl.pipeline": pid,
+            "sstl.kind": "pipeline",
+            "git_commit": git_commit(),
+            "dvc_experiment": dvc_experiment(),
+        },
     )
     client.set_terminated(run.info.run_id)
     return run.info.run_id
@@ -77,8 +81,12 @@ def stage_run(stage: str, experiment: str, params: Mapping[str, Any]) -> Iterato
     pid = pipeline_id()
     parent = _pipeline_run(MlflowClient(), experiment_id, pid)
     tags = {
-        "mlflow.parentRunId": parent, "sstl.stage": stage, "sstl.pipeline": pid, "sstl.kind": "stage",
-        "git_commit": git_commit(), "dvc_experiment": dvc_experiment(),
+        "mlflow.parentRunId": parent,
+        "sstl.stage": stage,
+        "sstl.pipeline": pid,
+        "sstl.kind": "stage",
+        "git_commit": git_commit(),
+        "dvc_experiment": dvc_experiment(),
     }
     with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags) as run:
         mlflow.log_params(flatten(params))
@@ -118,6 +126,9 @@ def log_model(model: Any, example: np.ndarray, name: str = "model") -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mlflow.pytorch.log_model(
-            model.eval(), name=name, input_example=example, serialization_format="pt2",
+            model.eval(),
+            name=name,
+            input_example=example,
+            serialization_format="pt2",
             pip_requirements=["torch", "torchvision"],
         )

@@ -78,10 +78,16 @@ def search(
         loss = result["val_loss"] if math.isfinite(result["val_loss"]) else 1e6  # diverged: a bad score
         opt.tell(point, loss)
         best = min(best, loss)
-        trials.append({
-            "trial": trial, "kind": "random" if trial < n_random else "guided", **params, **result,
-            "seconds": round(time.perf_counter() - t0, 3), "best_so_far": best,
-        })
+        trials.append(
+            {
+                "trial": trial,
+                "kind": "random" if trial < n_random else "guided",
+                **params,
+                **result,
+                "seconds": round(time.perf_counter() - t0, 3),
+                "best_so_far": best,
+            }
+        )
     return trials
 
 

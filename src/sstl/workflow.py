@@ -20,8 +20,8 @@ from sstl.metrics import classification_report
 from sstl.models import Classifier, ModelConfig, create_model, save_checkpoint
 from sstl.params import TeacherParams
 from sstl.pseudolabel import SelectConfig, infer, select_threshold, select_topk
-from sstl.transforms import normalize
 from sstl.training import FitResult, TrainConfig, fit, seed_everything
+from sstl.transforms import normalize
 from sstl.tune import SpaceEntry, search
 
 
@@ -81,7 +81,9 @@ def tune_teacher(
         cfg = TeacherParams.model_validate({**teacher.model_dump(), **overrides})
         with tracking.trial_run(trial, overrides):
             model = build_model(cfg.model(), num_classes, seed)
-            result = fit(model, train, val, cfg.schedule(), num_classes, seed, None, tracking.log_epoch, f"trial {trial}")
+            result = fit(
+                model, train, val, cfg.schedule(), num_classes, seed, None, tracking.log_epoch, f"trial {trial}"
+            )
             figures = {"val_loss": result.best_val_loss, "val_acc": result.best_val_acc}
             tracking.log_metrics(figures)
         return figures

@@ -1,0 +1,146 @@
+"""The `sstl` command line through Typer's CliRunner (and `sstl ui` as a real process)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT
+from PIL import Image
+from typer.testing import CliRunner
+
+from sstl.cli import app
+from sstl.models import ModelConfig, create_model, save_checkpoint
+
+runner = CliRunner()
+CLASSES = ["cat", "dog", "fox"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    cfg = ModelConfig(arch="mobilenet_v3_small", head_layers=0)
+    save_checkpoint(path, create_model(cfg, len(CLASSES)).eval(), cfg, CLASSES, image_size=16)
+    return path
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    folder = tmp_path / "photos"
+    (folder / "nested").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(["a.png", "b.jpg", "nested/c.webp"]):
+        Image.fromarray(rng.integers(0, 255, (20 + i, 24, 3), dtype=np.uint8)).save(folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_predict_table_csv_json(checkpoint: Path, images: Path) -> None:
+    res = runner.invoke(app, ["predict", str(images), "--model", str(checkpoint), "--top-k", "2", "--format", "json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)
+    assert [Path(r["path"]).name for r in rows] == ["a.png", "b.jpg", "c.webp"]  # folders expand, .txt ignored
+    for r in rows:
+        probs = [p["probability"] for p in r["predictions"]]
+        assert len(probs) == 2 and probs == sorted(probs, reverse=True) and sum(probs) <= 1.0001
+        assert {p["class"] for p in r["predictions"]} <= set(CLASSES)
+
+    res = runner.invoke(app, ["predict", str(images / "a.png"), "--model", str(checkpoint), "--format", "csv"])
+    table = list(csv.DictReader(io.StringIO(res.stdout)))
+    assert res.exit_code == 0 and [r["rank"] for r in table] == ["1", "2", "3"]
+
+    res = runner.invoke(app, ["predict", str(images / "a.png"), "--model", str(checkpoint)])
+    assert res.exit_code == 0 and res.stdout.splitlines()[0].split() == ["path", "top1", "top2", "top3"]
+
+
+def test_predict_user_mistakes_are_one_line(checkpoint: Path, images: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    for args in (
+        ["predict", str(bad), "--model", str(checkpoint)],
+        ["predict", str(tmp_path / "missing.png"), "--model", str(checkpoint)],
+        ["predict", str(images), "--model", str(tmp_path / "none.pt")],
+    ):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 1
+        assert res.stderr.startswith("error: ") and len(res.stderr.strip().splitlines()) == 1
+        assert "Traceback" not in res.output
+
+
+@pytest.fixture
+def project_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_check_and_invalid_params_write_nothing(project_copy: Path) -> None:
+    assert runner.invoke(app, ["check"]).exit_code == 0
+    before = sorted(p.name for p in project_copy.iterdir())
+    for args, key in (
+        (["exp", "run", "-S", "teacher.lrr=0.1"], "teacher.lrr"),
+        (["exp", "run", "-S", "student.dropout=2"], "student.dropout"),
+        (["exp", "run", "-S", "seed=abc"], "seed"),
+    ):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2, res.output
+        assert key in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    text = (project_copy / "params.yaml").read_text().replace("batch_size: 64", "batch_sise: 64", 1)
+    (project_copy / "params.yaml").write_text(text)
+    res = runner.invoke(app, ["run"])
+    assert res.exit_code == 2 and "student.batch_sise: unknown key" in res.stderr
+    assert sorted(p.name for p in project_copy.iterdir()) == before  # no dvc.lock, no outputs
+
+
+def test_report_reads_metrics(project_copy: Path) -> None:
+    res = runner.invoke(app, ["report"])
+    assert res.exit_code == 1 and "run the pipeline first" in res.stderr
+    metrics = {m: {"test": {"accuracy": 0.5, "macro_f1": 0.4, "ece": 0.1}} for m in ("teacher", "finetuned")}
+    (project_copy / "reports").mkdir()
+    (project_copy / "reports/metrics.json").write_text(json.dumps(metrics))
+    res = runner.invoke(app, ["report"])
+    assert res.exit_code == 0
+    assert "| teacher | 0.5000 | 0.4000 | 0.1000 |" in res.stdout
+
+
+def test_help_on_every_command() -> None:
+    for cmd in (["run"], ["exp", "run"], ["exp", "show"], ["predict"], ["report"], ["ui"], ["status"], ["check"]):
+        res = runner.invoke(app, [*cmd, "--help"])
+        assert res.exit_code == 0 and "Usage" in res.stdout
+
+
+def test_ui_serves_the_mlflow_store(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'ui.db'}"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sstl.cli", "ui", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline, body = time.time() + 90, ""
+        while time.time() < deadline and not body:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read().decode()
+            except OSError:
+                time.sleep(1)
+        assert body.strip() == "OK"
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)

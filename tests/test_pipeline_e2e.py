@@ -1,0 +1,208 @@
+"""End to end: the real `dvc repro` / `dvc exp` / `dvc push|pull` on a tiny config in a temporary git repo.
+
+The tests of this module run in order on one project: build, no-op, partial re-run, experiment,
+push / clone / pull, determinism, MLflow grouping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from conftest import ROOT
+
+pytestmark = pytest.mark.e2e
+
+TINY = {
+    "demo": {"labels_per_class": 6},
+    "data": {"image_size": 16},
+    "tune": {
+        "n_random": 2,
+        "n_guided": 1,
+        "space": {"lr": {"low": 0.001, "high": 0.01, "prior": "log-uniform"}, "epochs": {"low": 1, "high": 2}},
+    },
+    "teacher": {"head_epochs": 1, "epochs": 2, "batch_size": 32},
+    "pseudolabel": {"top_k": 10},
+    "student": {"arch": "resnet18", "epochs": 2},
+    "finetune": {"epochs": 1},
+}
+MODELS = ("teacher", "student", "finetuned")
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) and k != "space" else v
+    return out
+
+
+def sh(cwd: Path, *cmd: str, env: dict | None = None) -> str:
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}"
+    return res.stdout + res.stderr
+
+
+def dvc(cwd: Path, *args: str) -> str:
+    return sh(
+        cwd,
+        sys.executable,
+        "-m",
+        "dvc",
+        *args,
+        env=os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+    )
+
+
+def ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([\w-]+)'", output))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("project")
+    for item in ("stages", "src", "dvc.yaml", ".dvcignore"):
+        src = ROOT / item
+        if src.is_dir():
+            shutil.copytree(src, repo / item, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy(src, repo / item)
+    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (repo / ".gitignore").write_text("/mlflow.db\n/mlartifacts/\n__pycache__/\n")
+    sh(repo, "git", "init", "-q", "-b", "main")
+    sh(repo, "git", "config", "user.email", "ci@example.com")
+    sh(repo, "git", "config", "user.name", "ci")
+    dvc(repo, "init", "-q")
+    dvc(repo, "config", "core.analytics", "false")
+    out = dvc(repo, "repro")
+    assert ran_stages(out) == {"demo", "prepare", "tune", "teacher", "pseudolabel", "student", "finetune", "evaluate"}
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "baseline")
+    return repo
+
+
+def test_repro_writes_metrics_for_every_model_and_split(project: Path) -> None:
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    assert set(metrics) == set(MODELS)
+    for model in MODELS:
+        for split in ("test", "test-add"):
+            assert 0.0 <= metrics[model][split]["accuracy"] <= 1.0
+            assert set(metrics[model][split]) == {"accuracy", "macro_f1", "ece"}
+    for name in MODELS:
+        assert (project / f"models/{name}.pt").is_file()
+        assert (project / f"reports/curves/{name}.csv").read_text().startswith("phase,lr,")
+    assert len((project / "reports/tune/trials.csv").read_text().splitlines()) == 1 + 3
+
+
+def test_second_repro_does_nothing(project: Path) -> None:
+    out = dvc(project, "repro")
+    assert ran_stages(out) == set()
+    assert "up to date" in dvc(project, "status")
+
+
+def test_student_param_change_reruns_only_downstream(project: Path) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["student"]["dropout"] = 0.3
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert ran_stages(dvc(project, "repro")) == {"student", "finetune", "evaluate"}
+    sh(project, "git", "add", "-A")
+    sh(project, "git", "commit", "-qm", "student dropout 0.3")
+
+
+def experiments(table: object) -> dict[str, dict]:
+    """`dvc exp show --json` -> {name or rev: {"params": ..., "metrics": ...}} for every row with data."""
+    rows: dict[str, dict] = {}
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            data = node.get("data")
+            if isinstance(data, dict) and "params" in data:
+                key = data.get("name") or node.get("name") or data.get("rev") or node.get("rev")
+                rows[key] = {
+                    "params": data["params"]["params.yaml"]["data"],
+                    "metrics": data.get("metrics", {}).get("reports/metrics.json", {}).get("data", {}),
+                }
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(table)
+    return rows
+
+
+def test_exp_run_and_show_compare_experiments(project: Path) -> None:
+    out = dvc(project, "exp", "run", "-S", "teacher.dropout=0.1", "--name", "lowdrop")
+    assert {"tune", "teacher", "evaluate"} <= ran_stages(out) and "demo" not in ran_stages(out)
+    rows = experiments(json.loads(dvc(project, "exp", "show", "--json")))
+    assert rows["lowdrop"]["params"]["teacher"]["dropout"] == 0.1
+    baseline = [r for r in rows.values() if r["params"]["teacher"]["dropout"] != 0.1]
+    assert baseline, "the baseline commit is listed beside the experiment"
+    for row in [rows["lowdrop"], *baseline]:
+        assert set(row["metrics"]) == set(MODELS)
+        assert 0.0 <= row["metrics"]["finetuned"]["test-add"]["accuracy"] <= 1.0
+    table = dvc(project, "exp", "show", "--md", "--no-pager")
+    assert "lowdrop" in table and "teacher.test.accuracy" in table and "finetuned.test-add.accuracy" in table
+
+
+def test_report_diffs_against_a_revision(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from sstl.cli import app
+
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    res = CliRunner().invoke(app, ["report", "--rev", "HEAD~1"])
+    assert res.exit_code == 0, res.output
+    assert "| finetuned |" in res.stdout
+    assert "student.dropout" in res.stdout  # the param the last commit changed
+    assert "finetuned.test.accuracy" in res.stdout or "No metric changed" in res.stdout
+
+
+def test_push_clone_pull_is_clean_and_repro_is_deterministic(project: Path, tmp_path: Path) -> None:
+    remote = tmp_path / "remote"
+    dvc(project, "remote", "add", "-d", "local", str(remote))
+    sh(project, "git", "add", "-A")
+    sh(project, "git", "commit", "-qm", "remote")
+    dvc(project, "push")
+    clone = tmp_path / "clone"
+    sh(tmp_path, "git", "clone", "-q", str(project), str(clone))
+    dvc(clone, "pull")
+    assert "up to date" in dvc(clone, "status")
+    assert ran_stages(dvc(clone, "repro")) == set()
+    # same params and seed, everything re-run from scratch: identical metrics
+    before = (clone / "reports/metrics.json").read_text()
+    dvc(clone, "repro", "--force")
+    assert (clone / "reports/metrics.json").read_text() == before
+
+
+def test_mlflow_has_one_run_per_stage_grouped_per_execution(project: Path) -> None:
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(experiment_names=["sstl"], output_format="list")
+    stages = [r for r in runs if r.data.tags.get("sstl.kind") == "stage"]
+    first = {
+        r.data.tags["sstl.stage"]
+        for r in stages
+        if r.data.tags.get("sstl.pipeline") == stages[-1].data.tags["sstl.pipeline"]
+    }
+    assert first == {"prepare", "tune", "teacher", "pseudolabel", "student", "finetune", "evaluate"}
+    parents = {r.info.run_id for r in runs if r.data.tags.get("sstl.kind") == "pipeline"}
+    assert all(r.data.tags["mlflow.parentRunId"] in parents for r in stages)
+    assert any(r.data.tags.get("dvc_experiment") == "lowdrop" for r in stages)
+    tune = next(r for r in stages if r.data.tags["sstl.stage"] == "tune")
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == tune.info.run_id]
+    assert len(trials) == 3
+    teacher = next(r for r in stages if r.data.tags["sstl.stage"] == "teacher")
+    assert teacher.data.tags["git_commit"] != "unknown"
+    history = mlflow.MlflowClient().get_metric_history(teacher.info.run_id, "val_loss")
+    assert len(history) >= 2
+    assert mlflow.search_logged_models(experiment_ids=[teacher.info.experiment_id], output_format="list")
