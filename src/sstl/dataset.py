@@ -43,16 +43,20 @@ def save_images(path: Path, images: np.ndarray) -> None:
         np.save(f, images)
 
 
-def load_split(prepared: Path, split: str) -> ImageSet:
-    """Read one split of a prepared dataset (images in manifest order)."""
-    prepared = Path(prepared)
+def load_images(prepared: Path, split: str) -> np.ndarray:
+    """The split's packed uint8 (N, H, W, 3) array, memory-mapped: pages are read as they are touched."""
+    npy = Path(prepared) / f"{split}.npy"
     if split not in SPLITS:
         raise SstlError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
-    npy = prepared / f"{split}.npy"
     if not npy.is_file():
         raise SstlError(f"{npy} not found: run the prepare stage first (`dvc repro prepare`)")
-    rows = [r for r in read_csv(prepared / "manifest.csv") if r["split"] == split]
-    images = torch.from_numpy(np.load(npy))
+    return np.load(npy, mmap_mode="r")
+
+
+def load_split(prepared: Path, split: str) -> ImageSet:
+    """Read one split of a prepared dataset into memory (images in manifest order)."""
+    images = torch.from_numpy(np.array(load_images(prepared, split)))  # a private, writable copy
+    rows = [r for r in read_csv(Path(prepared) / "manifest.csv") if r["split"] == split]
     labels = torch.tensor([int(r["label_index"]) for r in rows], dtype=torch.int64)
     return ImageSet(images, labels.reshape(-1), [r["path"] for r in rows])
 

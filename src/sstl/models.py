@@ -116,21 +116,38 @@ def _load_backbone(net: nn.Module, arch: str, weights: str) -> None:
         path = Path(weights)
         if not path.is_file():
             raise SstlError(f"weights file {path} not found: set weights to none, imagenet, or a state-dict file path")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _torch_load(path)
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]  # an sstl checkpoint or a training-script dump
         if not isinstance(state, dict):
-            raise SstlError(f"weights file {path} holds no state dict: save one with torch.save(model.state_dict(), path)")
+            raise SstlError(
+                f"weights file {path} holds no state dict: save one with torch.save(model.state_dict(), path)"
+            )
     # Keep only tensors that fit: a file trained for another number of classes still gives its backbone.
     own = net.state_dict()
     fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     missing = [k for k in own if k not in fitting and not _is_head_key(k)]
+    extra = [k for k in state if k not in own and not _is_head_key(k)]
+    if extra:  # e.g. resnet34 weights offered to resnet18: every resnet18 key fits, the rest would be lost
+        raise SstlError(
+            f"weights {weights} do not fit arch {arch}: {len(extra)} tensors the model lacks "
+            f"(first: {extra[0]}); use weights saved from torchvision's {arch}"
+        )
     if missing:
         raise SstlError(
             f"weights {weights} do not fit arch {arch}: {len(missing)} backbone tensors missing "
             f"(first: {missing[0]}); use weights saved from torchvision's {arch}"
         )
     net.load_state_dict(fitting, strict=False)
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a bad file (pickle, zip, index errors)
+        raise SstlError(
+            f"{path} is not a readable PyTorch file ({type(err).__name__}): re-save or re-download it"
+        ) from None
 
 
 def _is_head_key(key: str) -> bool:
@@ -187,7 +204,7 @@ def save_checkpoint(
 def load_checkpoint(path: Path) -> tuple[Classifier, dict[str, Any]]:
     if not Path(path).is_file():
         raise SstlError(f"model {path} not found: run the pipeline first (`sstl run`) or pass --model")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = _torch_load(Path(path))
     cfg = ModelConfig.model_validate({**payload["model"], "weights": "none"})
     model = create_model(cfg, len(payload["classes"]))
     model.load_state_dict(payload["state_dict"])

@@ -123,9 +123,7 @@ class Params(Strict):
     def _tuned_values_fit(self) -> Params:
         # every corner of the search space must itself be a valid teacher: fail now, not at trial 17
         for key, entry in self.tune.space.items():
-            for value in entry.values if entry.values is not None else [entry.low, entry.high]:
-                if isinstance(value, float) and value.is_integer() and entry.values is None:
-                    value = int(value)
+            for value in _probe_points(entry):
                 try:
                     TeacherParams.model_validate({**self.teacher.model_dump(), key: value})
                 except ValidationError as err:
@@ -133,6 +131,17 @@ class Params(Strict):
                         f"tune.space.{key}: {value!r} is not a valid teacher.{key}: {err.errors()[0]['msg']}"
                     ) from None
         return self
+
+
+def _probe_points(entry: SpaceEntry) -> list[Any]:
+    """Values the search may propose: the listed ones, or both ends and an inner point of a range."""
+    if entry.values is not None:
+        return list(entry.values)
+    low, high = entry.low, entry.high
+    assert low is not None and high is not None
+    if isinstance(low, int) and isinstance(high, int):
+        return [low, high, (low + high) // 2]
+    return [low, high, low + 0.37 * (high - low)]  # an inner point that is no whole number
 
 
 def describe(err: ValidationError) -> str:

@@ -126,6 +126,13 @@ def prepare_folder(root: Path, out: Path, image_size: int, val_fraction: float, 
                 f"{split}/ has classes not in labeled/: {', '.join(unknown)}; add them to labeled/ or remove them"
             )
 
+    if not any(e.split == "val" for e in kept):  # split val off first, so de-duplication covers it too
+        lab = [i for i, e in enumerate(kept) if e.split == "labeled"]
+        labels = np.array([classes.index(kept[i].label) for i in lab])
+        _, held = stratified_split(labels, val_fraction, seed)
+        for j in held:
+            kept[lab[j]].split = "val"
+
     # Exact duplicates of evaluation images must not leak into the unlabelled pool.
     eval_hashes = {e.sha256: e.path for e in kept if e.split in ("val", "test", "test-add")}
     order: list[int] = []
@@ -136,13 +143,6 @@ def prepare_folder(root: Path, out: Path, image_size: int, val_fraction: float, 
             dropped += 1
         else:
             order.append(i)
-
-    if not any(e.split == "val" for e in kept):
-        lab = [i for i in order if kept[i].split == "labeled"]
-        labels = np.array([classes.index(kept[i].label) for i in lab])
-        _, held = stratified_split(labels, val_fraction, seed)
-        for j in held:
-            kept[lab[j]].split = "val"
 
     out = Path(out)
     rows, counts = [], {}

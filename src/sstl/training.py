@@ -63,7 +63,7 @@ def batches(
 
 
 def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights, (C,), mean 1 over the present classes."""
+    """Inverse-frequency weights N / (C * n_c), (C,); absent classes get 0. Balanced data gives all ones."""
     counts = torch.bincount(labels, minlength=num_classes).float()
     return torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp(min=1)), torch.zeros(()))
 

@@ -36,7 +36,9 @@ def strong_augment(cfg: AugmentConfig, size: int, seed: int) -> A.Compose:
     if cfg.crop_scale < 1.0:
         geometry.append(A.RandomResizedCrop(size=(size, size), scale=(cfg.crop_scale, 1.0), p=1.0))
     if cfg.rotate or cfg.translate:
-        geometry.append(A.Affine(rotate=(-cfg.rotate, cfg.rotate), translate_percent=cfg.translate, p=0.7))
+        geometry.append(
+            A.Affine(rotate=(-cfg.rotate, cfg.rotate), translate_percent=(-cfg.translate, cfg.translate), p=0.7)
+        )
     colour: list[A.BasicTransform] = []
     if cfg.color:
         c = cfg.color

@@ -19,8 +19,8 @@ from skopt.space import Categorical, Dimension, Integer, Real
 class SpaceEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    low: float | None = None
-    high: float | None = None
+    low: int | float | None = None  # int | float keeps YAML's 0 apart from 0.0: ints give an Integer range
+    high: int | float | None = None
     prior: Literal["uniform", "log-uniform"] = "uniform"
     values: list[Any] | None = None
 
@@ -39,8 +39,8 @@ class SpaceEntry(BaseModel):
         if self.values is not None:
             return Categorical(self.values, name=name)
         assert self.low is not None and self.high is not None
-        if float(self.low).is_integer() and float(self.high).is_integer() and self.prior == "uniform":
-            return Integer(int(self.low), int(self.high), name=name)
+        if isinstance(self.low, int) and isinstance(self.high, int):
+            return Integer(self.low, self.high, prior=self.prior, name=name)
         return Real(self.low, self.high, prior=self.prior, name=name)
 
 
@@ -75,6 +75,7 @@ def search(
         params = {n: _plain(v) for n, v in zip(names, point, strict=True)}
         t0 = time.perf_counter()
         result = objective(trial, params)
+        seconds = time.perf_counter() - t0
         loss = result["val_loss"] if math.isfinite(result["val_loss"]) else 1e6  # diverged: a bad score
         opt.tell(point, loss)
         best = min(best, loss)
@@ -84,7 +85,7 @@ def search(
                 "kind": "random" if trial < n_random else "guided",
                 **params,
                 **result,
-                "seconds": round(time.perf_counter() - t0, 3),
+                "seconds": round(seconds, 3),
                 "best_so_far": best,
             }
         )
@@ -93,5 +94,5 @@ def search(
 
 def best_params(trials: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
     """The params of the trial with the lowest val_loss (the first one on ties)."""
-    winner = min(trials, key=lambda t: t["val_loss"])
+    winner = min(trials, key=lambda t: t["val_loss"] if math.isfinite(t["val_loss"]) else math.inf)
     return {n: winner[n] for n in names}

@@ -1,0 +1,218 @@
+"""Model factory: archs, head, freezing, backbone weights (none, local file, ImageNet cache), checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from sstl.errors import SstlError
+from sstl.models import ARCHS, ModelConfig, create_model, load_checkpoint, save_checkpoint, set_trainable
+
+PROXY_VARS = ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY")
+
+
+def cfg(arch: str = "resnet18", **kw: object) -> ModelConfig:
+    return ModelConfig(arch=arch, **kw)
+
+
+@pytest.fixture(scope="module")
+def resnet18_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(123)
+    return torchvision.models.resnet18().state_dict()
+
+
+@pytest.fixture(scope="module")
+def resnet18_file(tmp_path_factory: pytest.TempPathFactory, resnet18_state: dict[str, torch.Tensor]) -> Path:
+    path = tmp_path_factory.mktemp("weights") / "resnet18.pth"
+    torch.save(resnet18_state, path)
+    return path
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small"])
+@pytest.mark.parametrize("head_layers", [0, 2])
+def test_logits_shape(arch: str, head_layers: int) -> None:
+    model = create_model(cfg(arch, head_layers=head_layers, hidden_size=16), num_classes=5)
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.randn(3, 3, 32, 32))
+    assert out.shape == (3, 5)
+    assert out.dtype == torch.float32
+    linears = [m for m in model.head if isinstance(m, nn.Linear)]
+    assert len(linears) == head_layers + 1
+    assert linears[-1].out_features == 5
+
+
+def test_head_activation_and_dropout() -> None:
+    model = create_model(cfg(head_layers=1, activation="gelu", dropout=0.3), 2)
+    assert any(isinstance(m, nn.GELU) for m in model.head)
+    assert all(m.p == 0.3 for m in model.head if isinstance(m, nn.Dropout))
+
+
+def test_unknown_arch_lists_valid_ones() -> None:
+    with pytest.raises(SstlError) as info:
+        create_model(cfg("resnet19"), 3)
+    msg = str(info.value)
+    assert "resnet19" in msg and "\n" not in msg
+    for arch in ARCHS:
+        assert arch in msg
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small"])
+@pytest.mark.parametrize("n", [0, 1, 3, 100])
+def test_set_trainable_top_blocks(arch: str, n: int) -> None:
+    model = create_model(cfg(arch), 3)
+    set_trainable(model, n)
+    blocks = list(model.blocks)
+    for i, block in enumerate(blocks):
+        flags = {p.requires_grad for p in block.parameters()}
+        if not flags:
+            continue  # a parameter-free block
+        assert flags == {i >= len(blocks) - n}, (i, n)
+    assert all(p.requires_grad for p in model.head.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    expected = sum(p.numel() for p in model.head.parameters())
+    expected += sum(p.numel() for b in blocks[max(len(blocks) - n, 0) :] for p in b.parameters())
+    assert trainable == expected
+
+
+def test_set_trainable_can_refreeze() -> None:
+    model = create_model(cfg(), 3)
+    set_trainable(model, 5)
+    set_trainable(model, 1)
+    assert not any(p.requires_grad for p in model.blocks[0].parameters())
+    assert all(p.requires_grad for p in model.blocks[-1].parameters())
+
+
+def test_resnet_has_five_blocks() -> None:
+    assert len(create_model(cfg(), 2).blocks) == 5
+
+
+def test_local_weights_file(resnet18_file: Path, resnet18_state: dict[str, torch.Tensor]) -> None:
+    model = create_model(cfg(weights=str(resnet18_file)), 4)
+    conv1 = model.blocks[0][0]
+    assert torch.equal(conv1.weight, resnet18_state["conv1.weight"])
+    assert torch.equal(model.blocks[-1][1].conv2.weight, resnet18_state["layer4.1.conv2.weight"])
+    assert torch.equal(model.blocks[0][1].running_var, resnet18_state["bn1.running_var"])
+
+
+def test_local_weights_wrapped_in_state_dict_key(tmp_path: Path, resnet18_state: dict[str, torch.Tensor]) -> None:
+    path = tmp_path / "wrapped.pth"
+    torch.save({"state_dict": resnet18_state, "epoch": 3}, path)
+    model = create_model(cfg(weights=str(path)), 4)
+    assert torch.equal(model.blocks[0][0].weight, resnet18_state["conv1.weight"])
+
+
+def test_local_weights_with_other_head_size(tmp_path: Path) -> None:
+    state = torchvision.models.resnet18(num_classes=7).state_dict()
+    path = tmp_path / "r18_7.pth"
+    torch.save(state, path)
+    model = create_model(cfg(weights=str(path)), 3)
+    assert torch.equal(model.blocks[0][0].weight, state["conv1.weight"])
+
+
+def test_weights_for_another_arch_are_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "mobilenet.pth"
+    torch.save(torchvision.models.mobilenet_v3_small().state_dict(), path)
+    with pytest.raises(SstlError) as info:
+        create_model(cfg(weights=str(path)), 3)
+    assert "resnet18" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_deeper_resnet_weights_are_rejected_for_resnet18(tmp_path: Path) -> None:
+    """resnet34's state dict holds every resnet18 key with the same shape, plus extra blocks:
+    loading it into resnet18 silently mixes blocks; it must be refused like any other arch."""
+    path = tmp_path / "resnet34.pth"
+    torch.save(torchvision.models.resnet34().state_dict(), path)
+    with pytest.raises(SstlError):
+        create_model(cfg("resnet18", weights=str(path)), 3)
+
+
+def test_shallower_resnet_weights_are_rejected_for_resnet34(resnet18_file: Path) -> None:
+    with pytest.raises(SstlError, match="resnet34"):
+        create_model(cfg("resnet34", weights=str(resnet18_file)), 3)
+
+
+def test_missing_weights_file(tmp_path: Path) -> None:
+    with pytest.raises(SstlError) as info:
+        create_model(cfg(weights=str(tmp_path / "nope.pth")), 3)
+    assert "nope.pth" in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("payload", ["garbage", "list"])
+def test_unusable_weights_file_is_an_sstl_error(tmp_path: Path, payload: str) -> None:
+    """A weights file that is not a state dict is a user mistake: one SstlError line, no traceback."""
+    path = tmp_path / "bad.pth"
+    if payload == "garbage":
+        path.write_bytes(b"this is not a torch file")
+    else:
+        torch.save([1, 2, 3], path)
+    with pytest.raises(SstlError):
+        create_model(cfg(weights=str(path)), 3)
+
+
+def test_imagenet_weights_from_torch_home_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, resnet18_file: Path, resnet18_state: dict[str, torch.Tensor]
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    for var in PROXY_VARS:  # no network needed, and none possible
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    name = Path(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url).name
+    cache = tmp_path / "hub" / "checkpoints" / name
+    cache.parent.mkdir(parents=True)
+    cache.write_bytes(resnet18_file.read_bytes())
+    model = create_model(cfg(weights="imagenet"), 3)
+    assert torch.equal(model.blocks[0][0].weight, resnet18_state["conv1.weight"])
+
+
+def test_imagenet_weights_unavailable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    for var in PROXY_VARS:  # the download fails at once: nothing listens on port 9
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    with pytest.raises(SstlError) as info:
+        create_model(cfg(weights="imagenet"), 3)
+    msg = str(info.value)
+    name = Path(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url).name
+    assert "\n" not in msg
+    assert name in msg
+    assert str(tmp_path / "hub" / "checkpoints" / name) in msg, "says where to put the file"
+    assert "local file" in msg
+
+
+def test_checkpoint_round_trip(tmp_path: Path, resnet18_file: Path) -> None:
+    torch.manual_seed(0)
+    model_cfg = cfg(weights=str(resnet18_file), head_layers=1, hidden_size=32, activation="silu")
+    model = create_model(model_cfg, 3)
+    # make the BatchNorm statistics non-trivial, then compare in eval mode
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(8, 3, 32, 32))
+    model.eval()
+    path = tmp_path / "ckpt" / "model.pt"
+    save_checkpoint(path, model, model_cfg, ["a", "b", "c"], 32, note="hello")
+    copy = tmp_path / "weights_gone.pth"
+    resnet18_file.rename(copy)  # the checkpoint must not need the backbone file any more
+    try:
+        loaded, payload = load_checkpoint(path)
+    finally:
+        copy.rename(resnet18_file)
+    assert payload["classes"] == ["a", "b", "c"]
+    assert payload["image_size"] == 32
+    assert payload["note"] == "hello"
+    assert payload["model"]["activation"] == "silu"
+    assert not loaded.training
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+
+def test_load_missing_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(SstlError, match="not found"):
+        load_checkpoint(tmp_path / "nope.pt")

@@ -1,0 +1,219 @@
+"""params.yaml validation: every mistake is one ParamsError line that names the offending key."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from sstl.errors import ParamsError, SstlError
+from sstl.models import ARCHS
+from sstl.params import Params, load_params, parse_params
+from sstl.tune import SpaceEntry
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS_YAML = ROOT / "params.yaml"
+
+
+@pytest.fixture(scope="module")
+def repo_raw() -> dict[str, Any]:
+    return yaml.safe_load(PARAMS_YAML.read_text(encoding="utf-8"))
+
+
+def with_change(raw: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    """A deep copy of `raw` with `dotted` (e.g. teacher.lr) set to `value`."""
+    out = copy.deepcopy(raw)
+    *parents, last = dotted.split(".")
+    node = out
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[last] = value
+    return out
+
+
+def error_of(raw: Any) -> str:
+    with pytest.raises(ParamsError) as info:
+        parse_params(raw)
+    msg = str(info.value)
+    assert "\n" not in msg, f"message must be one line: {msg!r}"
+    return msg
+
+
+def test_repo_params_yaml_loads() -> None:
+    p = load_params(PARAMS_YAML)
+    assert isinstance(p, Params)
+    assert p.teacher.arch in ARCHS and p.student.arch in ARCHS
+    assert p.tune.space, "the repo's params.yaml declares a search space"
+
+
+def test_repo_params_match_raw_values(repo_raw: dict[str, Any]) -> None:
+    p = parse_params(repo_raw)
+    assert p.seed == repo_raw["seed"]
+    assert p.teacher.lr == pytest.approx(repo_raw["teacher"]["lr"])
+    assert set(p.tune.space) == set(repo_raw["tune"]["space"])
+
+
+def test_empty_mapping_gives_defaults() -> None:
+    p = parse_params({})
+    assert p.seed == Params().seed
+
+
+def test_params_error_is_an_sstl_error() -> None:
+    assert issubclass(ParamsError, SstlError)
+    assert ParamsError.exit_code != 0
+
+
+def test_unknown_key_is_named(repo_raw: dict[str, Any]) -> None:
+    msg = error_of(with_change(repo_raw, "teacher.lrr", 0.01))
+    assert "teacher.lrr" in msg
+    assert "unknown key" in msg
+
+
+def test_unknown_top_level_section_is_named(repo_raw: dict[str, Any]) -> None:
+    msg = error_of(with_change(repo_raw, "teachr", {"lr": 0.1}))
+    assert "teachr" in msg
+
+
+def test_wrong_type_names_key(repo_raw: dict[str, Any]) -> None:
+    msg = error_of(with_change(repo_raw, "seed", "abc"))
+    assert "seed" in msg
+    assert "'abc'" in msg
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("teacher.dropout", 1.5),
+        ("teacher.lr", -1),
+        ("data.image_size", 2),
+        ("data.val_fraction", 1.0),
+        ("pseudolabel.threshold", 1.2),
+        ("student.augment.rotate", 400),
+        ("evaluate.ece_bins", 0),
+    ],
+)
+def test_out_of_range_names_key(repo_raw: dict[str, Any], key: str, value: Any) -> None:
+    msg = error_of(with_change(repo_raw, key, value))
+    assert key in msg
+    assert repr(value) in msg
+
+
+@pytest.mark.parametrize("section", ["teacher", "student"])
+def test_unknown_arch_lists_valid_ones(repo_raw: dict[str, Any], section: str) -> None:
+    msg = error_of(with_change(repo_raw, f"{section}.arch", "resnet19"))
+    assert f"{section}.arch" in msg
+    assert "resnet19" in msg
+    for arch in ARCHS:
+        assert arch in msg
+
+
+def test_bad_literal_names_key(repo_raw: dict[str, Any]) -> None:
+    msg = error_of(with_change(repo_raw, "pseudolabel.method", "best"))
+    assert "pseudolabel.method" in msg
+
+
+def test_several_errors_stay_on_one_line(repo_raw: dict[str, Any]) -> None:
+    raw = with_change(with_change(repo_raw, "teacher.lr", -1), "seed", "x")
+    msg = error_of(raw)
+    assert "teacher.lr" in msg and "seed" in msg
+
+
+def test_tune_space_key_must_be_a_teacher_key(repo_raw: dict[str, Any]) -> None:
+    msg = error_of(with_change(repo_raw, "tune.space.momentum", {"low": 0.1, "high": 0.9}))
+    assert "tune.space" in msg
+    assert "momentum" in msg
+    assert "not a teacher key" in msg
+
+
+@pytest.mark.parametrize("key", ["arch", "weights"])
+def test_tune_space_cannot_search_arch_or_weights(repo_raw: dict[str, Any], key: str) -> None:
+    msg = error_of(with_change(repo_raw, f"tune.space.{key}", {"values": ["a", "b"]}))
+    assert key in msg
+
+
+def test_tune_space_bound_must_be_a_valid_teacher_value(repo_raw: dict[str, Any]) -> None:
+    msg = error_of(with_change(repo_raw, "tune.space.dropout", {"low": 0.0, "high": 1.5}))
+    assert "tune.space.dropout" in msg
+    assert "1.5" in msg
+
+
+def test_tune_space_values_must_be_valid_teacher_values(repo_raw: dict[str, Any]) -> None:
+    msg = error_of(with_change(repo_raw, "tune.space.activation", {"values": ["relu", "swishy"]}))
+    assert "tune.space.activation" in msg
+    assert "swishy" in msg
+
+
+def test_tune_space_float_bounds_on_an_integer_key_are_rejected(repo_raw: dict[str, Any]) -> None:
+    # 2.0 and 5.0 make a real-valued range, whose inner points are no valid block counts
+    raw = with_change(repo_raw, "tune.space.unfreeze_blocks", {"low": 2.0, "high": 5.0})
+    with pytest.raises(ParamsError, match=r"tune\.space\.unfreeze_blocks"):
+        parse_params(raw)
+    raw = with_change(repo_raw, "tune.space.unfreeze_blocks", {"low": 2, "high": 5})
+    assert parse_params(raw).tune.space["unfreeze_blocks"].low == 2
+
+
+def test_space_entry_rejects_values_with_bounds() -> None:
+    with pytest.raises(ValidationError):
+        SpaceEntry(values=[1, 2], low=0, high=3)
+    with pytest.raises(ValidationError):
+        SpaceEntry(values=[])
+    with pytest.raises(ValidationError):
+        SpaceEntry(low=3, high=1)
+    with pytest.raises(ValidationError):
+        SpaceEntry(low=0.0, high=1.0, prior="log-uniform")
+    with pytest.raises(ValidationError):
+        SpaceEntry(low=1.0)
+
+
+def test_space_entry_with_values_and_bounds_in_params(repo_raw: dict[str, Any]) -> None:
+    msg = error_of(with_change(repo_raw, "tune.space.lr", {"low": 0.001, "high": 0.01, "values": [0.1]}))
+    assert "tune.space.lr" in msg
+
+
+def test_space_entry_unknown_field_is_named(repo_raw: dict[str, Any]) -> None:
+    msg = error_of(with_change(repo_raw, "tune.space.lr", {"low": 0.001, "hi": 0.01}))
+    assert "tune.space.lr" in msg
+
+
+def test_non_mapping_is_rejected() -> None:
+    error_of([1, 2, 3])
+    error_of(None)
+
+
+def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("seed: 42\ndata:\n  folder: x\n   bad_indent: 1\n", encoding="utf-8")
+    with pytest.raises(ParamsError) as info:
+        load_params(path)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert "line 4" in msg
+    assert str(path) in msg
+
+
+def test_unclosed_bracket_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("seed: 42\nteacher:\n  lr: [0.1\n  epochs: 3\n", encoding="utf-8")
+    with pytest.raises(ParamsError, match="line"):
+        load_params(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ParamsError) as info:
+        load_params(path)
+    assert str(path) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_load_params_reports_file_name_and_key(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text("teacher:\n  lrr: 0.1\n", encoding="utf-8")
+    with pytest.raises(ParamsError) as info:
+        load_params(path)
+    assert str(path) in str(info.value)
+    assert "teacher.lrr" in str(info.value)

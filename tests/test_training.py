@@ -1,0 +1,117 @@
+"""The training loop on a tiny separable problem: history, accuracy, determinism, early stopping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sstl.dataset import ImageSet
+from sstl.models import ModelConfig, create_model
+from sstl.training import FitResult, TrainConfig, class_weights, fit
+
+SIZE = 16
+SCHEDULE = TrainConfig(
+    head_epochs=2, epochs=1, lr=3e-3, finetune_lr=1e-3, unfreeze_blocks=2, batch_size=20, patience=3, plateau_patience=1
+)
+
+
+def dark_vs_bright(n: int, seed: int) -> ImageSet:
+    """Class 0: dark noisy images; class 1: bright ones. Balanced, shuffled."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    labels = labels[torch.randperm(n, generator=g)]
+    low = torch.randint(0, 90, (n, SIZE, SIZE, 3), generator=g)
+    images = torch.where(labels.view(-1, 1, 1, 1) == 1, low + 165, low).to(torch.uint8)
+    return ImageSet(images, labels.to(torch.int64), [f"img{i}.png" for i in range(n)])
+
+
+TRAIN, VAL = dark_vs_bright(40, 0), dark_vs_bright(20, 1)
+
+
+def new_model(arch: str = "resnet18") -> torch.nn.Module:
+    torch.manual_seed(0)
+    return create_model(ModelConfig(arch=arch, head_layers=1, hidden_size=16, dropout=0.1), 2)
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[torch.nn.Module, FitResult]:
+    model = new_model()
+    return model, fit(model, TRAIN, VAL, SCHEDULE, 2, seed=0)
+
+
+def test_history_rows(trained: tuple[torch.nn.Module, FitResult]) -> None:
+    _, result = trained
+    assert 1 <= len(result.history) <= SCHEDULE.head_epochs + SCHEDULE.epochs
+    for i, row in enumerate(result.history, start=1):
+        assert {"epoch", "phase", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"} <= set(row)
+        assert row["epoch"] == i
+        assert row["phase"] in (1, 2)
+        assert row["train_loss"] >= 0 and row["val_loss"] >= 0
+    phases = [row["phase"] for row in result.history]
+    assert phases == sorted(phases)
+    assert result.history[0]["lr"] == pytest.approx(SCHEDULE.lr)
+    second = [row for row in result.history if row["phase"] == 2]
+    assert second and second[0]["lr"] == pytest.approx(SCHEDULE.finetune_lr)
+    assert result.images_seen == len(TRAIN) * len(result.history)
+    assert result.images_per_second > 0
+
+
+def test_learns_separable_problem(trained: tuple[torch.nn.Module, FitResult]) -> None:
+    model, result = trained
+    assert result.best_val_acc > 0.9
+    assert result.best_val_loss <= min(row["val_loss"] for row in result.history) + 1e-6
+    assert not model.training
+
+
+def test_same_seed_same_history_and_weights(trained: tuple[torch.nn.Module, FitResult]) -> None:
+    model_a, a = trained
+    model_b = new_model()
+    b = fit(model_b, TRAIN, VAL, SCHEDULE, 2, seed=0)
+
+    def strip(history: list[dict[str, float]]) -> list[dict[str, float]]:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+    assert strip(a.history) == strip(b.history)
+    assert a.best_val_loss == b.best_val_loss
+    sa, sb = model_a.state_dict(), model_b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+@pytest.mark.parametrize("patience", [1, 2])
+def test_early_stopping(patience: int) -> None:
+    # lr so small that no weight moves: the val loss never improves after the first epoch
+    cfg = TrainConfig(head_epochs=6, epochs=0, lr=1e-30, batch_size=20, patience=patience, plateau_patience=0)
+    result = fit(new_model("mobilenet_v3_small"), TRAIN, VAL, cfg, 2, seed=0)
+    assert len(result.history) == 1 + patience < cfg.head_epochs
+    assert all(row["phase"] == 1 for row in result.history)
+
+
+def test_class_weights_inverse_frequency() -> None:
+    labels = torch.tensor([0, 0, 0, 1, 2, 2])
+    w = class_weights(labels, 3)
+    assert w.shape == (3,)
+    assert w.tolist() == pytest.approx([6 / (3 * 3), 6 / (3 * 1), 6 / (3 * 2)])
+    counts = torch.bincount(labels, minlength=3).float()
+    assert (w * counts).tolist() == pytest.approx([2.0, 2.0, 2.0]), "every class weighs the same in total"
+
+
+def test_class_weights_balanced_are_ones() -> None:
+    assert class_weights(torch.tensor([0, 1, 2, 0, 1, 2]), 3).tolist() == pytest.approx([1.0, 1.0, 1.0])
+
+
+def test_class_weights_absent_class_is_zero() -> None:
+    w = class_weights(torch.tensor([0, 0, 1]), 3)
+    assert w[2] == 0
+    assert torch.isfinite(w).all()
+    assert w[0] < w[1]
+
+
+def test_class_weights_used_in_fit() -> None:
+    train = TRAIN.subset(
+        torch.cat([torch.nonzero(TRAIN.labels == 0).flatten(), torch.nonzero(TRAIN.labels == 1).flatten()[:5]])
+    )
+    cfg = TrainConfig(head_epochs=1, epochs=0, lr=1e-3, class_weights=True, batch_size=32)
+    result = fit(new_model("mobilenet_v3_small"), train, VAL, cfg, 2, seed=0)
+    assert len(result.history) == 1
