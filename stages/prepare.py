@@ -16,7 +16,14 @@ METRICS = Path("reports/prepare.json")
 def main() -> None:
     p = load_params()
     with tracking.stage_run("prepare", p.mlflow.experiment, {"seed": p.seed, "data": p.data.model_dump()}):
-        summary = prepare_folder(Path(p.data.folder), PREPARED, p.data.image_size, p.data.val_fraction, p.seed)
+        summary = prepare_folder(
+            Path(p.data.folder),
+            PREPARED,
+            p.data.image_size,
+            p.data.val_fraction,
+            p.seed,
+            corrupt_test=p.data.test_add_corruptions,
+        )
         tracking.log_metrics(summary.as_metrics())
         tracking.log_artifacts(PREPARED / "manifest.csv", PREPARED / "skipped.csv")
     write_json(METRICS, summary.as_metrics())

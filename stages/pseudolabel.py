@@ -1,13 +1,21 @@
-"""Stage pseudolabel: the teacher scores the unlabelled pool; keep the confident (threshold) or top-K."""
+"""Stage pseudolabel: the teacher scores the unlabelled pool; keep the confident (threshold) or top-K.
 
+The pool is streamed shard by shard and the running selection saved to STATE after each shard, so
+a killed run resumes where it stopped. Several processes: `torchrun --standalone --nproc_per_node N
+stages/pseudolabel.py` (rank 0 writes the outputs and logs to MLflow); see README.
+"""
+
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import Any
 
 from sstl import tracking
-from sstl.dataset import load_classes, load_split
+from sstl.dataset import load_classes, load_images
 from sstl.errors import stage_main
 from sstl.files import write_csv, write_json
 from sstl.models import load_checkpoint
 from sstl.params import load_params
+from sstl.pseudolabel import clear_state, distributed
 from sstl.workflow import pseudolabel
 
 PREPARED = Path("data/prepared")
@@ -15,22 +23,32 @@ TEACHER = Path("models/teacher.pt")
 OUT = Path("data/pseudolabels.csv")
 COUNTS = Path("reports/pseudolabel/counts.csv")
 METRICS = Path("reports/pseudolabel/summary.json")
+STATE = Path(".sstl-state/pseudolabel")  # resume state: git-ignored, not a DVC output, removed on success
 
 
 @stage_main
 def main() -> None:
     p = load_params()
     model, _ = load_checkpoint(TEACHER)
-    pool, classes = load_split(PREPARED, "unlabeled"), load_classes(PREPARED)
-    with tracking.stage_run("pseudolabel", p.mlflow.experiment, {"pseudolabel": p.pseudolabel.model_dump()}):
-        rows, counts = pseudolabel(model, pool, p.pseudolabel, classes)
-        scores = [r["score"] for r in rows]
-        summary = {"n_pool": len(pool), "n_selected": len(rows), "mean_score": sum(scores) / max(len(scores), 1)}
-        write_csv(OUT, rows, ("index", "path", "label", "label_index", "score"))
-        write_csv(COUNTS, counts, ("class", "count"))
-        write_json(METRICS, summary)
-        tracking.log_metrics(summary)
-        tracking.log_artifacts(COUNTS)
+    classes = load_classes(PREPARED)
+    with distributed() as (rank, _):
+        run: AbstractContextManager[Any] = nullcontext()
+        if rank == 0:  # one MLflow run, one writer
+            run = tracking.stage_run("pseudolabel", p.mlflow.experiment, {"pseudolabel": p.pseudolabel.model_dump()})
+        with run:
+            selected = pseudolabel(model, PREPARED, p.pseudolabel, classes, STATE)
+            if selected is None:  # a rank > 0: its shards are merged into rank 0's selection
+                return
+            rows, counts = selected
+            scores = [r["score"] for r in rows]
+            n_pool = len(load_images(PREPARED, "unlabeled"))
+            summary = {"n_pool": n_pool, "n_selected": len(rows), "mean_score": sum(scores) / max(len(scores), 1)}
+            write_csv(OUT, rows, ("index", "path", "label", "label_index", "score"))
+            write_csv(COUNTS, counts, ("class", "count"))
+            write_json(METRICS, summary)
+            tracking.log_metrics(summary)
+            tracking.log_artifacts(COUNTS)
+    clear_state(STATE)
     print(f"pseudolabel: {summary}")
 
 

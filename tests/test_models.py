@@ -216,3 +216,25 @@ def test_checkpoint_round_trip(tmp_path: Path, resnet18_file: Path) -> None:
 def test_load_missing_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(SstlError, match="not found"):
         load_checkpoint(tmp_path / "nope.pt")
+
+
+# --- small CNNs and sstl checkpoints as weights -----------------------------------------------
+
+
+def test_convnet_shapes_and_blocks() -> None:
+    model = create_model(ModelConfig(arch="convnet_s", head_layers=0), 10)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert len(model.blocks) == 4  # stem + three groups
+
+
+def test_sstl_checkpoint_backbone_is_reused(tmp_path: Path) -> None:
+    src = create_model(ModelConfig(arch="convnet_s", head_layers=0), 4)  # e.g. a rotation pretext model
+    path = tmp_path / "pretrain.pt"
+    save_checkpoint(path, src, ModelConfig(arch="convnet_s", head_layers=0), ["0", "90", "180", "270"], 32)
+    dst = create_model(ModelConfig(arch="convnet_s", weights=str(path), head_layers=1), 10)
+    for a, b in zip(src.blocks.state_dict().values(), dst.blocks.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(SstlError, match="convnet_s backbone, not convnet_m"):
+        create_model(ModelConfig(arch="convnet_m", weights=str(path)), 10)
+    with pytest.raises(SstlError, match="no imagenet weights"):
+        create_model(ModelConfig(arch="convnet_s", weights="imagenet"), 10)

@@ -179,10 +179,11 @@ def test_push_clone_pull_is_clean_and_repro_is_deterministic(project: Path, tmp_
     dvc(clone, "pull")
     assert "up to date" in dvc(clone, "status")
     assert ran_stages(dvc(clone, "repro")) == set()
-    # same params and seed, everything re-run from scratch: identical metrics
-    before = (clone / "reports/metrics.json").read_text()
+    # same params and seed, everything re-run from scratch: identical selections and metrics
+    files = ("reports/tune/best_params.json", "data/pseudolabels.csv", "reports/metrics.json")
+    before = {f: (clone / f).read_text() for f in files}
     dvc(clone, "repro", "--force")
-    assert (clone / "reports/metrics.json").read_text() == before
+    assert {f: (clone / f).read_text() for f in files} == before
 
 
 def test_mlflow_has_one_run_per_stage_grouped_per_execution(project: Path) -> None:

@@ -313,3 +313,19 @@ def test_errors_are_one_line(folder: Path, tmp_path: Path) -> None:
         prepare_folder(folder, tmp_path / "prepared", SIZE, 0.25, seed=0)
     assert "unlabeled" in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_test_add_built_from_corrupted_test_images(folder: Path, tmp_path: Path) -> None:
+    from sstl.corruptions import CorruptConfig
+
+    out = tmp_path / "prepared"
+    summary = prepare_folder(folder, out, 16, 0.25, 0, corrupt_test=CorruptConfig(severity=4, seed=1))
+    assert summary.counts["test-add"] == summary.counts["test"]
+    test, add = load_split(out, "test"), load_split(out, "test-add")
+    assert test.labels.tolist() == add.labels.tolist()
+    assert all(a.startswith(t + "#") for t, a in zip(test.paths, add.paths, strict=True))
+    assert (test.images != add.images).any()
+    some_test = next((folder / "test").rglob("*.png"))
+    write(folder / "test-add" / some_test.parent.name / "x.png", png_bytes(np.random.default_rng(9)))
+    with pytest.raises(SstlError, match="one or the other"):
+        prepare_folder(folder, tmp_path / "p2", 16, 0.25, 0, corrupt_test=CorruptConfig())

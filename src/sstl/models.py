@@ -49,6 +49,28 @@ ARCHS: dict[str, Callable[[Any], tuple[list[nn.Module], int]]] = {
     "efficientnet_b1": _features_blocks,
 }
 
+def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.GELU()]
+
+
+def convnet(widths: tuple[int, int, int]) -> tuple[list[nn.Module], int]:
+    """A small CNN for low-resolution photos (CIFAR-sized), in the spirit of airbench:
+    stem conv, then three groups of conv -> 2x2 max-pool -> conv; a 32 px input ends at 4x4."""
+    blocks: list[nn.Module] = [nn.Sequential(*_conv_bn(3, widths[0]))]
+    cin = widths[0]
+    for w in widths:
+        blocks.append(nn.Sequential(*_conv_bn(cin, w), nn.MaxPool2d(2), *_conv_bn(w, w)))
+        cin = w
+    return blocks, widths[-1]
+
+
+# arch name -> channel widths of the three groups; no pretrained weights exist for these
+CONVNETS: dict[str, tuple[int, int, int]] = {
+    "convnet_s": (32, 64, 128),
+    "convnet_m": (48, 96, 192),
+    "convnet_l": (64, 128, 256),
+}
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
 
@@ -83,8 +105,8 @@ class Classifier(nn.Module):
 
 
 def check_arch(arch: str) -> str:
-    if arch not in ARCHS:
-        raise SstlError(f"unknown arch {arch!r}: choose one of {', '.join(sorted(ARCHS))}")
+    if arch not in ARCHS and arch not in CONVNETS:
+        raise SstlError(f"unknown arch {arch!r}: choose one of {', '.join(sorted([*ARCHS, *CONVNETS]))}")
     return arch
 
 
@@ -99,13 +121,51 @@ def make_head(in_dim: int, num_classes: int, cfg: ModelConfig) -> nn.Sequential:
 
 
 def create_model(cfg: ModelConfig, num_classes: int) -> Classifier:
-    """Build `cfg.arch` with its backbone weights loaded (none, ImageNet or a local file)."""
+    """Build `cfg.arch` with its backbone weights loaded.
+
+    weights: `none`; `imagenet` (torchvision's weights API, torchvision archs only); a torchvision
+    state-dict file; or an sstl checkpoint (e.g. the `pretrain` stage's), whose blocks are copied.
+    """
     check_arch(cfg.arch)
-    net = torchvision.models.get_model(cfg.arch, weights=None)
-    if cfg.weights != "none":
-        _load_backbone(net, cfg.arch, cfg.weights)
-    blocks, width = ARCHS[cfg.arch](net)
-    return Classifier(blocks, make_head(width, num_classes, cfg))
+    sstl_ckpt = None
+    if cfg.weights not in ("none", "imagenet"):
+        sstl_ckpt = _sstl_checkpoint(Path(cfg.weights))
+    if cfg.arch in CONVNETS:
+        if cfg.weights != "none" and sstl_ckpt is None:
+            raise SstlError(
+                f"{cfg.arch} has no {cfg.weights} weights: use weights none, pretrain, or an sstl checkpoint"
+            )
+        blocks, width = convnet(CONVNETS[cfg.arch])
+    else:
+        net = torchvision.models.get_model(cfg.arch, weights=None)
+        if cfg.weights != "none" and sstl_ckpt is None:
+            _load_backbone(net, cfg.arch, cfg.weights)
+        blocks, width = ARCHS[cfg.arch](net)
+    model = Classifier(blocks, make_head(width, num_classes, cfg))
+    if sstl_ckpt is not None:
+        _load_blocks(model, sstl_ckpt, cfg)
+    return model
+
+
+def _sstl_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The payload if `path` is a checkpoint written by sstl (save_checkpoint), else None."""
+    if not path.is_file():
+        return None  # _load_backbone says what is wrong
+    payload = _torch_load(path)
+    if isinstance(payload, dict) and {"state_dict", "model"} <= set(payload):
+        return payload
+    return None
+
+
+def _load_blocks(model: Classifier, payload: dict[str, Any], cfg: ModelConfig) -> None:
+    """Copy the backbone blocks of an sstl checkpoint of the same arch (its head is ignored)."""
+    if payload["model"]["arch"] != cfg.arch:
+        raise SstlError(
+            f"weights {cfg.weights} hold a {payload['model']['arch']} backbone, not {cfg.arch}: "
+            "use the same arch or other weights"
+        )
+    blocks = {k.removeprefix("blocks."): v for k, v in payload["state_dict"].items() if k.startswith("blocks.")}
+    model.blocks.load_state_dict(blocks)
 
 
 def _load_backbone(net: nn.Module, arch: str, weights: str) -> None:

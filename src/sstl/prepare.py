@@ -13,12 +13,16 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from sstl.corruptions import CorruptConfig, corrupt
 from sstl.dataset import MANIFEST_FIELDS, SPLITS, save_images
 from sstl.errors import SstlError
 from sstl.files import write_csv, write_json
 from sstl.images import IMAGE_SUFFIXES, UnreadableImage, decode
+from sstl.neardup import REPORT_FIELDS as NEARDUP_FIELDS
+from sstl.neardup import NearDupConfig, find_near_duplicates, report_rows
 
 LABELLED_SPLITS = ("labeled", "val", "test", "test-add")
+EVAL_SPLITS = ("val", "test", "test-add")
 
 
 @dataclass
@@ -35,6 +39,7 @@ class PrepareSummary:
     skipped: list[dict[str, str]] = field(default_factory=list)
     duplicates_dropped: int = 0
     classes: list[str] = field(default_factory=list)
+    near_duplicates_dropped: int = 0
 
     def as_metrics(self) -> dict[str, int]:
         return {
@@ -42,6 +47,7 @@ class PrepareSummary:
             "n_classes": len(self.classes),
             "n_skipped": len(self.skipped),
             "n_duplicates_dropped": self.duplicates_dropped,
+            "n_near_duplicates_dropped": self.near_duplicates_dropped,
         }
 
 
@@ -97,8 +103,21 @@ def scan(root: Path) -> tuple[list[Entry], list[dict[str, str]]]:
     return entries, skipped
 
 
-def prepare_folder(root: Path, out: Path, image_size: int, val_fraction: float, seed: int) -> PrepareSummary:
-    """Decode, check, de-duplicate and split `root`; write <split>.npy, manifest.csv, skipped.csv, classes.json."""
+def prepare_folder(
+    root: Path,
+    out: Path,
+    image_size: int,
+    val_fraction: float,
+    seed: int,
+    neardup: NearDupConfig | None = None,
+    corrupt_test: CorruptConfig | None = None,
+) -> PrepareSummary:
+    """Decode, check, de-duplicate and split `root`; write <split>.npy, manifest.csv, skipped.csv, classes.json.
+
+    With `neardup` (enabled), unlabelled near-duplicates of val/test/test-add images are dropped too and
+    listed in neardup.csv (unlabeled_path, eval_path, eval_split, similarity; paths relative to `root`,
+    most similar first); without it neardup.csv is written empty.
+    """
     entries, skipped = scan(root)
     arrays: list[np.ndarray] = []
     kept: list[Entry] = []
@@ -134,7 +153,7 @@ def prepare_folder(root: Path, out: Path, image_size: int, val_fraction: float, 
             kept[lab[j]].split = "val"
 
     # Exact duplicates of evaluation images must not leak into the unlabelled pool.
-    eval_hashes = {e.sha256: e.path for e in kept if e.split in ("val", "test", "test-add")}
+    eval_hashes = {e.sha256: e.path for e in kept if e.split in EVAL_SPLITS}
     order: list[int] = []
     dropped = 0
     for i, e in enumerate(kept):
@@ -143,6 +162,34 @@ def prepare_folder(root: Path, out: Path, image_size: int, val_fraction: float, 
             dropped += 1
         else:
             order.append(i)
+
+    # Nor may near-duplicates (re-encoded, resized, cropped, brightened copies): see sstl.neardup.
+    near_rows: list[dict[str, str]] = []
+    if neardup is not None and neardup.enabled:
+        pool_idx = [i for i in order if kept[i].split == "unlabeled"]
+        ref_idx = [i for i in order if kept[i].split in EVAL_SPLITS]
+        matches = find_near_duplicates([arrays[i] for i in pool_idx], [arrays[i] for i in ref_idx], neardup)
+        near_rows = report_rows(
+            matches,
+            [str(kept[i].path.relative_to(root)) for i in pool_idx],
+            [str(kept[i].path.relative_to(root)) for i in ref_idx],
+            [kept[i].split for i in ref_idx],
+        )
+        near = {pool_idx[m.pool_index] for m in matches}
+        order = [i for i in order if i not in near]
+
+    if corrupt_test is not None:
+        if any(kept[i].split == "test-add" for i in order):
+            raise SstlError("the folder has a test-add/ and data.test_add_corruptions is set: use one or the other")
+        tests = [i for i in order if kept[i].split == "test"]
+        images, kinds = corrupt([arrays[i] for i in tests], corrupt_test)
+        for i, img, kind in zip(tests, images, kinds, strict=True):
+            src = kept[i]
+            kept.append(
+                Entry(Path(f"{src.path}#{kind}"), "test-add", src.label, hashlib.sha256(img.tobytes()).hexdigest())
+            )
+            arrays.append(img)
+            order.append(len(kept) - 1)
 
     out = Path(out)
     rows, counts = [], {}
@@ -167,5 +214,6 @@ def prepare_folder(root: Path, out: Path, image_size: int, val_fraction: float, 
             raise SstlError(f"no readable image in {split}: check the folder {root}")
     write_csv(out / "manifest.csv", rows, MANIFEST_FIELDS)
     write_csv(out / "skipped.csv", skipped, ("path", "reason"))
+    write_csv(out / "neardup.csv", near_rows, NEARDUP_FIELDS)
     write_json(out / "classes.json", classes)
-    return PrepareSummary(counts, skipped, dropped, classes)
+    return PrepareSummary(counts, skipped, dropped, classes, len(near_rows))

@@ -3,18 +3,38 @@
 `threshold`: keep images whose top probability is >= tau.
 `topk` (Yalniz et al. 2019): keep each image's top-P classes, then per class the K images with the
 highest probability for it: a balanced set even when the teacher favours some classes.
+
+`select_topk` / `select_threshold` work on all probabilities in memory (the reference);
+`select_pool` streams a pool of any size: shards of `shard_size` images read from the memory-mapped
+array, fed to the bounded accumulators of `sstl.stream`, the state saved after each shard so that
+a killed run resumes, and the shards dealt round-robin to torchrun processes (see README).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import hashlib
+import json
+import math
+import os
+import pickle
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any, Literal
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
+from sstl.files import atomic_path
 from sstl.models import Classifier
+from sstl.stream import Accumulator, Selection, Threshold, TopK
 from sstl.transforms import normalize
+
+STATE_VERSION = 1
 
 
 class SelectConfig(BaseModel):
@@ -25,6 +45,9 @@ class SelectConfig(BaseModel):
     top_k: int = Field(100, ge=1, description="K images per class for method=topk")
     top_p: int = Field(1, ge=1, description="P classes per image for method=topk")
     batch_size: int = Field(256, ge=1)
+    shard_size: int = Field(
+        8192, ge=1, description="images per shard: the unit of resume (state saved after each) and of work per process"
+    )
 
 
 @torch.inference_mode()
@@ -56,3 +79,170 @@ def select_topk(probs: torch.Tensor, k: int, p: int = 1) -> tuple[torch.Tensor, 
     keep = score >= 0
     # column-major flattening: class 0's picks first, each class best-first
     return index.T[keep.T], label.T[keep.T], score.T[keep.T]
+
+
+# --- streaming over a pool larger than memory -------------------------------------------------
+
+
+def accumulator(cfg: SelectConfig, num_classes: int) -> Accumulator:
+    return TopK(num_classes, cfg.top_k, cfg.top_p) if cfg.method == "topk" else Threshold(cfg.threshold)
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) unless a torch.distributed group is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@contextmanager
+def distributed() -> Iterator[tuple[int, int]]:
+    """Join torchrun's process group (gloo, CPU) when launched by torchrun; yield (rank, world size).
+
+    torchrun sets RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT; without them this is one process.
+    """
+    own = "WORLD_SIZE" in os.environ and "RANK" in os.environ and dist.is_available() and not dist.is_initialized()
+    if own:
+        dist.init_process_group("gloo")
+    try:
+        yield world()
+    finally:
+        if own:
+            dist.destroy_process_group()
+
+
+def model_digest(model: torch.nn.Module) -> str:
+    """sha256 of the weights (names, dtypes, shapes, bytes): which teacher scored a saved state."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def file_digest(path: Path | str) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shard_probs(
+    model: Classifier, images: np.ndarray | torch.Tensor, start: int, stop: int, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Images [start, stop) of uint8 (N, H, W, 3), a batch at a time -> (probs (b, C), index (b,))."""
+    model.eval()
+    for a in range(start, stop, batch_size):
+        b = min(a + batch_size, stop)
+        batch = images[a:b] if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images[a:b]))
+        with torch.inference_mode():
+            probs = model(normalize(batch)).softmax(1)
+        yield probs, torch.arange(a, b)
+
+
+def state_file(state_dir: Path, rank: int, size: int) -> Path:
+    return Path(state_dir) / f"rank{rank}-of-{size}.pt"
+
+
+def load_state(path: Path, identity: str, acc: Accumulator) -> int:
+    """Restore `acc` from a state of the same run; returns its last finished shard (-1: start afresh)."""
+    if not path.is_file():
+        return -1
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or state.get("identity") != identity:
+            tqdm.write(f"pseudolabel: ignoring {path} (another run: model, pool or params differ)")
+            return -1
+        acc.load_state_dict(state["accumulator"])
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, KeyError, ValueError, TypeError) as err:
+        tqdm.write(f"pseudolabel: ignoring unreadable {path} ({err})")
+        return -1
+    return int(state["last_shard"])
+
+
+def save_state(path: Path, identity: str, last_shard: int, acc: Accumulator) -> None:
+    """Atomically: a kill leaves the previous state or this one, never half a file."""
+    state = {"version": STATE_VERSION, "identity": identity, "last_shard": last_shard, "accumulator": acc.state_dict()}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def clear_state(state_dir: Path | None) -> None:
+    """Remove the saved states (after the outputs are written), and their parent if left empty."""
+    if state_dir is not None:
+        shutil.rmtree(state_dir, ignore_errors=True)
+        with suppress(OSError):
+            Path(state_dir).parent.rmdir()
+
+
+def run_identity(
+    model: Classifier, n: int, cfg: SelectConfig, num_classes: int, pool_id: str, rank: int, size: int
+) -> str:
+    """What a saved state must match to be resumed: model weights, pool, params, process layout."""
+    fields = {
+        "version": STATE_VERSION,
+        "model": model_digest(model),
+        "pool_size": n,
+        "pool_id": pool_id,
+        "num_classes": num_classes,
+        "select": cfg.model_dump(),
+        "rank": rank,
+        "world_size": size,
+    }
+    return json.dumps(fields, sort_keys=True)
+
+
+def gather(acc: Accumulator, cfg: SelectConfig, num_classes: int) -> Selection | None:
+    """Merge every process's accumulator on rank 0 (the same top-K merge); None on the other ranks."""
+    rank, size = world()
+    if size == 1:
+        return acc.result()
+    states: list[Any] | None = [None] * size if rank == 0 else None
+    dist.gather_object(acc.state_dict(), states, dst=0)
+    if states is None:
+        return None
+    merged = accumulator(cfg, num_classes)
+    for state in states:
+        part = accumulator(cfg, num_classes)
+        part.load_state_dict(state)
+        merged.merge(part)
+    return merged.result()
+
+
+def select_pool(
+    model: Classifier,
+    images: np.ndarray | torch.Tensor,
+    cfg: SelectConfig,
+    num_classes: int,
+    state_dir: Path | None = None,
+    pool_id: str = "",
+    on_shard: Callable[[int], None] | None = None,
+) -> Selection | None:
+    """Score and select over uint8 (N, H, W, 3) `images` (a memory-mapped .npy is read shard by shard).
+
+    Shard s = images [s * shard_size, (s + 1) * shard_size); rank r of W takes shards r, r + W, ...
+    After each shard the state (accumulator, last finished shard, run identity) is saved to
+    `state_dir` and `on_shard(s)` is called; a re-run with the same identity continues after the
+    last finished shard. Returns (index, label, score) as select_topk / select_threshold would on
+    all of `images`, on rank 0 (the only process when not under torchrun); None on other ranks.
+    `pool_id` names the pool's content for the identity (e.g. the manifest's sha256).
+    """
+    rank, size = world()
+    n = len(images)
+    acc = accumulator(cfg, num_classes)
+    path = state_file(state_dir, rank, size) if state_dir is not None else None
+    identity = run_identity(model, n, cfg, num_classes, pool_id, rank, size) if path else ""
+    last = load_state(path, identity, acc) if path else -1
+    if last >= 0:
+        tqdm.write(f"pseudolabel: rank {rank} resumes after shard {last} ({path})")
+    todo = [s for s in range(rank, math.ceil(n / cfg.shard_size), size) if s > last]
+    for s in tqdm(todo, desc="pseudo-label", unit="shard", disable=None if rank == 0 else True):
+        start, stop = s * cfg.shard_size, min((s + 1) * cfg.shard_size, n)
+        for probs, index in shard_probs(model, images, start, stop, cfg.batch_size):
+            acc.update(probs, index)
+        if path:
+            save_state(path, identity, s, acc)
+        if on_shard:
+            on_shard(s)
+    return gather(acc, cfg, num_classes)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
+import time
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -90,7 +92,11 @@ def stage_run(stage: str, experiment: str, params: Mapping[str, Any]) -> Iterato
     }
     with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags) as run:
         mlflow.log_params(flatten(params))
+        start = time.perf_counter()
         yield run.info.run_id
+        # ru_maxrss is in KiB on Linux: the process's peak resident memory, imports included
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        mlflow.log_metrics({"stage_seconds": time.perf_counter() - start, "peak_rss_mb": peak_mb})
 
 
 @contextmanager

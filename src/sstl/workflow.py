@@ -6,7 +6,9 @@ figures to `tracking`, so no training loop ever talks to MLflow itself.
 
 from __future__ import annotations
 
+import csv
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +16,12 @@ import albumentations as A
 import torch
 
 from sstl import tracking
-from sstl.dataset import ImageSet
+from sstl.dataset import ImageSet, load_images
 from sstl.files import write_csv
 from sstl.metrics import classification_report
 from sstl.models import Classifier, ModelConfig, create_model, save_checkpoint
 from sstl.params import TeacherParams
-from sstl.pseudolabel import SelectConfig, infer, select_threshold, select_topk
+from sstl.pseudolabel import SelectConfig, file_digest, infer, select_pool
 from sstl.training import FitResult, TrainConfig, fit, seed_everything
 from sstl.transforms import normalize
 from sstl.tune import SpaceEntry, search
@@ -95,21 +97,43 @@ def tune_teacher(
 
 
 def pseudolabel(
-    model: Classifier, pool: ImageSet, cfg: SelectConfig, classes: list[str]
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Score the pool with the teacher and select; returns (selected rows, per-class counts)."""
-    probs = infer(model, pool.images, cfg.batch_size, desc="pseudo-label").softmax(1)
-    if cfg.method == "threshold":
-        index, label, score = select_threshold(probs, cfg.threshold)
-    else:
-        index, label, score = select_topk(probs, cfg.top_k, cfg.top_p)
+    model: Classifier,
+    prepared: Path,
+    cfg: SelectConfig,
+    classes: list[str],
+    state_dir: Path | None = None,
+    on_shard: Callable[[int], None] | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
+    """Stream the teacher over the prepared unlabelled pool and select; (selected rows, per-class counts).
+
+    The pool is read shard by shard from its memory-mapped .npy (see select_pool: resumable from
+    `state_dir`, shared among torchrun processes). None on torchrun ranks other than 0.
+    """
+    images = load_images(prepared, "unlabeled")
+    manifest = Path(prepared) / "manifest.csv"
+    selection = select_pool(model, images, cfg, len(classes), state_dir, file_digest(manifest), on_shard)
+    if selection is None:
+        return None
+    index, label, score = selection
+    paths = split_paths(manifest, "unlabeled", set(index.tolist()))
     rows = [
-        {"index": i, "path": pool.paths[i], "label": classes[c], "label_index": c, "score": round(s, 6)}
+        {"index": i, "path": paths[i], "label": classes[c], "label_index": c, "score": round(s, 6)}
         for i, c, s in zip(index.tolist(), label.tolist(), score.tolist(), strict=True)
     ]
     n = Counter(r["label"] for r in rows)
     counts = [{"class": name, "count": n.get(name, 0)} for name in classes]
     return rows, counts
+
+
+def split_paths(manifest: Path, split: str, wanted: set[int]) -> dict[int, str]:
+    """{position in `split`: path} for the wanted positions, reading the manifest row by row."""
+    found: dict[int, str] = {}
+    with Path(manifest).open(newline="", encoding="utf-8") as f:
+        rows = (r["path"] for r in csv.DictReader(f) if r["split"] == split)
+        for i, path in enumerate(rows):
+            if i in wanted:
+                found[i] = path
+    return found
 
 
 def pseudo_set(pool: ImageSet, rows: list[dict[str, str]]) -> ImageSet:

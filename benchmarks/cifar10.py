@@ -1,0 +1,186 @@
+"""CIFAR-10 benchmark: lay out the data, run the pipeline with the profile, collect the figures.
+
+    python benchmarks/cifar10.py --labels-per-class 400     # 4,000 labels
+    python benchmarks/cifar10.py --labels-per-class 25      # 250 labels
+
+Runs `dvc exp run --temp` (the workspace is left as it is) with benchmarks/cifar10.yaml as -S
+overrides, then reads each stage's MLflow run (wall time, peak memory, images per second) and the
+evaluate metrics into reports/benchmarks/cifar10.json (one record per labels setting and model) and
+reports/benchmarks/cifar10.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from cifar10_folder import CACHE, SHARED, layout, unpack  # noqa: E402
+
+from sstl.files import write_json, write_text  # noqa: E402
+from sstl.tracking import flatten  # noqa: E402
+
+OUT_JSON = ROOT / "reports/benchmarks/cifar10.json"
+OUT_MD = ROOT / "reports/benchmarks/cifar10.md"
+STAGES = ("prepare", "tune", "teacher", "pseudolabel", "student", "finetune", "evaluate")
+
+
+REPLACE = ("tune.space",)  # sections the profile replaces instead of merging into
+WHOLE = ("data.test_add_corruptions",)  # set as one value (its default is null, which has no keys to set)
+
+
+def hydra(v: object) -> str:
+    """A value in the Hydra override grammar that `dvc exp run -S` speaks."""
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{k}:{hydra(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, list):
+        return "[" + ",".join(hydra(x) for x in v) + "]"
+    if isinstance(v, bool):
+        return str(v).lower()
+    return "null" if v is None else str(v)
+
+
+def overrides(profile: Path, folder: Path) -> list[str]:
+    """The profile as -S overrides: leaves are set; REPLACE sections are deleted (~) and added whole (+)."""
+    raw = yaml.safe_load(profile.read_text())
+    out: list[str] = []
+    for key in REPLACE:
+        section, name = key.split(".")
+        if name in raw.get(section, {}):
+            out += [f"~{key}", f"+{key}={hydra(raw[section].pop(name))}"]
+    for key in WHOLE:
+        section, name = key.split(".")
+        if name in raw.get(section, {}):
+            out.append(f"{key}={hydra(raw[section].pop(name))}")
+    out += [f"{k}={hydra(v)}" for k, v in flatten(raw).items()]
+    return out + [f"data.folder={folder}"]
+
+
+def machine() -> str:
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
+
+
+def collect(pipeline: str, labels: int, wall: float) -> list[dict]:
+    import mlflow
+
+    runs = mlflow.search_runs(
+        experiment_names=["sstl"], filter_string=f"tags.`sstl.pipeline` = '{pipeline}'", output_format="list"
+    )
+    by_stage = {r.data.tags.get("sstl.stage"): r.data.metrics for r in runs if r.data.tags.get("sstl.kind") == "stage"}
+    stages = {
+        s: {"seconds": round(m.get("stage_seconds", float("nan")), 1), "peak_rss_mb": round(m.get("peak_rss_mb", 0))}
+        for s, m in by_stage.items()
+    }
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    ev = by_stage.get("evaluate", {})
+    base = {
+        "labels": labels,
+        "machine": machine(),
+        "date": datetime.now(timezone.utc).date().isoformat(),
+        "commit": commit,
+        "pipeline_seconds": round(wall, 1),
+        "stages": stages,
+        "pseudolabel_images_per_second": by_stage.get("pseudolabel", {}).get("infer_images_per_second"),
+    }
+    records = []
+    for model, stage in (("teacher", "teacher"), ("student", "student"), ("finetuned", "finetune")):
+        records.append(
+            base
+            | {
+                "model": model,
+                "test_accuracy": ev.get(f"{model}.test.accuracy"),
+                "test_add_accuracy": ev.get(f"{model}.test-add.accuracy"),
+                "train_images_per_second": by_stage.get(stage, {}).get("train_images_per_second"),
+            }
+        )
+    return records
+
+
+def render(records: list[dict]) -> str:
+    lines = [
+        "# CIFAR-10 benchmark",
+        "",
+        "Produced by `python benchmarks/cifar10.py --labels-per-class N` with `benchmarks/cifar10.yaml`.",
+        "",
+        "| labels | model | test acc | test-add acc | train img/s | pipeline min | machine | date | commit |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+
+        def f(v: object, spec: str = ".4f") -> str:
+            return format(v, spec) if isinstance(v, (int, float)) else "—"
+
+        lines.append(
+            f"| {r['labels']} | {r['model']} | {f(r['test_accuracy'])} | {f(r['test_add_accuracy'])} | "
+            f"{f(r['train_images_per_second'], '.0f')} | {f(r['pipeline_seconds'] / 60, '.1f')} | "
+            f"{r['machine']} | {r['date']} | {r['commit']} |"
+        )
+    lines += ["", "Per stage (seconds / peak RSS MB):", ""]
+    for labels in sorted({r["labels"] for r in records}):
+        st = next(r for r in records if r["labels"] == labels)["stages"]
+        lines.append(
+            f"- {labels} labels: "
+            + ", ".join(f"{s} {st[s]['seconds']} s / {st[s]['peak_rss_mb']} MB" for s in STAGES if s in st)
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="CIFAR-10 benchmark")
+    ap.add_argument("--labels-per-class", type=int, default=400)
+    ap.add_argument("--profile", type=Path, default=ROOT / "benchmarks/cifar10.yaml")
+    args = ap.parse_args()
+    n = args.labels_per_class
+    unpack(SHARED, CACHE)
+    folder = CACHE.parent / f"cifar10-{n}"
+    print(layout(CACHE, folder, n, seed=0))
+
+    pipeline = f"cifar10-{n * 10}-{uuid.uuid4().hex[:6]}"
+    env = os.environ | {
+        "SSTL_PIPELINE_ID": pipeline,
+        "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{ROOT / 'mlflow.db'}"),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
+    sets = [a for o in overrides(args.profile, folder) for a in ("-S", o)]
+    start = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "run", "--temp", "--name", f"cifar10-{n * 10}", *sets],
+        cwd=ROOT,
+        env=env,
+        check=True,
+    )
+    wall = time.perf_counter() - start
+
+    old = json.loads(OUT_JSON.read_text()) if OUT_JSON.is_file() else []
+    records = [r for r in old if r["labels"] != n * 10] + collect(pipeline, n * 10, wall)
+    records.sort(key=lambda r: (-r["labels"], r["model"]))
+    write_json(OUT_JSON, records)
+    write_text(OUT_MD, render(records))
+    print(OUT_MD.read_text())
+
+
+if __name__ == "__main__":
+    main()
