@@ -118,6 +118,14 @@ def collect(pipeline: str, labels: int, wall: float) -> list[dict]:
     return records
 
 
+def _pseudo_speed(m: dict) -> float | None:
+    if "infer_images_per_second" in m:
+        return round(m["infer_images_per_second"], 1)
+    if "n_pool" in m and m.get("stage_seconds"):  # older runs: the whole stage, model loading included
+        return round(m["n_pool"] / m["stage_seconds"], 1)
+    return None
+
+
 def render(records: list[dict]) -> str:
     lines = [
         "# CIFAR-10 benchmark",
@@ -151,8 +159,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="CIFAR-10 benchmark")
     ap.add_argument("--labels-per-class", type=int, default=400)
     ap.add_argument("--profile", type=Path, default=ROOT / "benchmarks/cifar10.yaml")
+    ap.add_argument("--collect", metavar="PIPELINE_ID", help="only collect the figures of a finished run")
+    ap.add_argument("--wall", type=float, default=float("nan"), help="with --collect: its wall seconds")
     args = ap.parse_args()
     n = args.labels_per_class
+    if args.collect:
+        os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{ROOT / 'mlflow.db'}")
+        save(collect(args.collect, n * 10, args.wall), n * 10)
+        return
     unpack(SHARED, CACHE)
     folder = CACHE.parent / f"cifar10-{n}"
     print(layout(CACHE, folder, n, seed=0))
@@ -174,8 +188,13 @@ def main() -> None:
     )
     wall = time.perf_counter() - start
 
+    save(collect(pipeline, n * 10, wall), n * 10)
+
+
+def save(new: list[dict], labels: int) -> None:
+    """Replace this labels setting's records in the JSON table, re-render the markdown."""
     old = json.loads(OUT_JSON.read_text()) if OUT_JSON.is_file() else []
-    records = [r for r in old if r["labels"] != n * 10] + collect(pipeline, n * 10, wall)
+    records = [r for r in old if r["labels"] != labels] + new
     records.sort(key=lambda r: (-r["labels"], r["model"]))
     write_json(OUT_JSON, records)
     write_text(OUT_MD, render(records))

@@ -7,10 +7,12 @@ from sstl.dataset import ImageSet, load_classes, load_split
 from sstl.errors import stage_main
 from sstl.files import read_csv
 from sstl.params import load_params
+from sstl.pretrain import resolve_weights
 from sstl.transforms import strong_augment
 from sstl.workflow import build_model, pseudo_set, train_and_save
 
 PREPARED = Path("data/prepared")
+PRETRAIN = Path("models/pretrain.pt")
 PSEUDO = Path("data/pseudolabels.csv")
 MODEL = Path("models/student.pt")
 CURVE = Path("reports/curves/student.csv")
@@ -23,14 +25,15 @@ def main() -> None:
     pseudo = pseudo_set(load_split(PREPARED, "unlabeled"), read_csv(PSEUDO))
     classes = load_classes(PREPARED)
     train = ImageSet.concat(labeled, pseudo)
+    student = resolve_weights(p.student, PRETRAIN)
     augment = strong_augment(p.student.augment, p.data.image_size, p.seed)
     with tracking.stage_run("student", p.mlflow.experiment, {"seed": p.seed, "student": p.student.model_dump()}):
         tracking.log_metrics({"n_labeled": len(labeled), "n_pseudo": len(pseudo)})
-        model = build_model(p.student.model(), len(classes), p.seed)
+        model = build_model(student.model(), len(classes), p.seed)
         result = train_and_save(
             model,
-            p.student.model(),
-            p.student.schedule(),
+            student.model(),
+            student.schedule(),
             train,
             val,
             classes,
@@ -38,7 +41,7 @@ def main() -> None:
             MODEL,
             CURVE,
             augment=augment,
-            config={"student": p.student.model_dump(), "seed": p.seed},
+            config={"student": student.model_dump(), "seed": p.seed},
         )
     print(f"student: val_loss={result.best_val_loss:.4f} val_acc={result.best_val_acc:.4f} -> {MODEL}")
 

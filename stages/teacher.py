@@ -7,9 +7,11 @@ from sstl.dataset import load_classes, load_split
 from sstl.errors import stage_main
 from sstl.files import read_json
 from sstl.params import TeacherParams, load_params
+from sstl.pretrain import resolve_weights
 from sstl.workflow import build_model, train_and_save
 
 PREPARED = Path("data/prepared")
+PRETRAIN = Path("models/pretrain.pt")
 BEST = Path("reports/tune/best_params.json")
 MODEL = Path("models/teacher.pt")
 CURVE = Path("reports/curves/teacher.csv")
@@ -18,7 +20,7 @@ CURVE = Path("reports/curves/teacher.csv")
 @stage_main
 def main() -> None:
     p = load_params()
-    cfg = TeacherParams.model_validate({**p.teacher.model_dump(), **read_json(BEST)})
+    cfg = resolve_weights(TeacherParams.model_validate({**p.teacher.model_dump(), **read_json(BEST)}), PRETRAIN)
     labeled, val = load_split(PREPARED, "labeled"), load_split(PREPARED, "val")
     classes = load_classes(PREPARED)
     with tracking.stage_run("teacher", p.mlflow.experiment, {"seed": p.seed, "teacher": cfg.model_dump()}):

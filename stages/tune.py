@@ -7,10 +7,12 @@ from sstl.dataset import load_classes, load_split
 from sstl.errors import stage_main
 from sstl.files import write_csv, write_json
 from sstl.params import load_params
+from sstl.pretrain import resolve_weights
 from sstl.tune import best_params
 from sstl.workflow import tune_teacher
 
 PREPARED = Path("data/prepared")
+PRETRAIN = Path("models/pretrain.pt")
 OUT = Path("reports/tune")
 
 
@@ -22,7 +24,14 @@ def main() -> None:
     run_params = {"seed": p.seed, "tune": p.tune.model_dump(), "teacher": p.teacher.model_dump()}
     with tracking.stage_run("tune", p.mlflow.experiment, run_params):
         trials = tune_teacher(
-            p.teacher, p.tune.space, labeled, val, len(classes), p.tune.n_random, p.tune.n_guided, p.seed
+            resolve_weights(p.teacher, PRETRAIN),
+            p.tune.space,
+            labeled,
+            val,
+            len(classes),
+            p.tune.n_random,
+            p.tune.n_guided,
+            p.seed,
         )
         best = best_params(trials, list(p.tune.space))
         write_csv(OUT / "trials.csv", trials)

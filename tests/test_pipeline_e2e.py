@@ -83,7 +83,17 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     dvc(repo, "init", "-q")
     dvc(repo, "config", "core.analytics", "false")
     out = dvc(repo, "repro")
-    assert ran_stages(out) == {"demo", "prepare", "tune", "teacher", "pseudolabel", "student", "finetune", "evaluate"}
+    assert ran_stages(out) == {
+        "demo",
+        "prepare",
+        "pretrain",
+        "tune",
+        "teacher",
+        "pseudolabel",
+        "student",
+        "finetune",
+        "evaluate",
+    }
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "baseline")
     return repo
@@ -165,7 +175,8 @@ def test_report_diffs_against_a_revision(project: Path, monkeypatch: pytest.Monk
     assert res.exit_code == 0, res.output
     assert "| finetuned |" in res.stdout
     assert "student.dropout" in res.stdout  # the param the last commit changed
-    assert "finetuned.test.accuracy" in res.stdout or "No metric changed" in res.stdout
+    assert "### Metrics: HEAD~1 → workspace" in res.stdout
+    assert "| reports/metrics.json | " in res.stdout or "No metric changed" in res.stdout
 
 
 def test_push_clone_pull_is_clean_and_repro_is_deterministic(project: Path, tmp_path: Path) -> None:

@@ -49,6 +49,7 @@ ARCHS: dict[str, Callable[[Any], tuple[list[nn.Module], int]]] = {
     "efficientnet_b1": _features_blocks,
 }
 
+
 def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.GELU()]
 

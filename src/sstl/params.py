@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sstl.corruptions import CorruptConfig
 from sstl.errors import ParamsError, SstlError
 from sstl.models import ModelConfig, check_arch
+from sstl.pretrain import PretrainConfig
 from sstl.pseudolabel import SelectConfig
 from sstl.training import TrainConfig
 from sstl.transforms import AugmentConfig
@@ -116,6 +117,7 @@ class Params(Strict):
     data: DataParams = DataParams()
     demo: DemoParams = DemoParams()
     mlflow: MlflowParams = MlflowParams()
+    pretrain: PretrainConfig = PretrainConfig()
     tune: TuneParams = TuneParams()
     teacher: TeacherParams = TeacherParams()
     pseudolabel: SelectConfig = SelectConfig()

@@ -1,0 +1,88 @@
+"""Self-supervised pretraining on the unlabelled pool: predict the rotation (0/90/180/270 degrees).
+
+Seeds 002/003: when no ImageNet weights fit (offline, or a domain far from ImageNet), the pool
+itself is the transfer source. The backbone learns to tell which way is up; teacher and student can
+start from its blocks (`weights: pretrain`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from sstl.dataset import ImageSet
+from sstl.errors import SstlError
+from sstl.files import atomic_path
+from sstl.models import Classifier, ModelConfig, create_model
+from sstl.training import FitResult, TrainConfig, fit, seed_everything
+
+ROTATIONS = ("0", "90", "180", "270")
+ModelConfigT = TypeVar("ModelConfigT", bound=ModelConfig)
+
+
+class PretrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(False, description="off: the stage writes a marker and weights: pretrain is refused")
+    arch: str = "convnet_s"
+    epochs: int = Field(5, ge=1)
+    lr: float = Field(2e-3, gt=0.0, le=1.0)
+    batch_size: int = Field(128, ge=1)
+    max_images: int = Field(0, ge=0, description="pool images used (seeded sample); 0 = all")
+    val_fraction: float = Field(0.05, gt=0.0, lt=0.5)
+
+
+def rotations(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (N, S, S, 3) -> (uint8 (4N, S, S, 3), int64 (4N,)): every image at 0, 90, 180, 270 degrees."""
+    rotated = torch.cat([torch.rot90(images, k, dims=(1, 2)) for k in range(4)])
+    return rotated, torch.arange(4).repeat_interleave(len(images))
+
+
+def pretrain_rotation(
+    pool: np.ndarray,
+    cfg: PretrainConfig,
+    seed: int,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> tuple[Classifier, ModelConfig, FitResult]:
+    """Train `cfg.arch` on the rotation pretext task over (a sample of) the pool, uint8 (N, S, S, 3)."""
+    rng = np.random.default_rng(seed)
+    n = len(pool) if cfg.max_images == 0 else min(cfg.max_images, len(pool))
+    chosen = np.sort(rng.permutation(len(pool))[:n])
+    images = torch.from_numpy(np.asarray(pool[chosen]))
+    n_val = max(1, round(n * cfg.val_fraction))
+    train_x, train_y = rotations(images[n_val:])
+    val_x, val_y = rotations(images[:n_val])
+    train = ImageSet(train_x, train_y, [""] * len(train_y))
+    val = ImageSet(val_x, val_y, [""] * len(val_y))
+    model_cfg = ModelConfig(arch=cfg.arch, head_layers=0, dropout=0.0)
+    seed_everything(seed)
+    model = create_model(model_cfg, len(ROTATIONS))
+    schedule = TrainConfig(
+        head_epochs=0, epochs=cfg.epochs, finetune_lr=cfg.lr, unfreeze_blocks=1000, batch_size=cfg.batch_size
+    )
+    result = fit(model, train, val, schedule, len(ROTATIONS), seed, on_epoch=on_epoch, desc="pretrain")
+    return model, model_cfg, result
+
+
+def write_disabled(path: Path) -> None:
+    """The stage's output when pretraining is off: a marker that `resolve_weights` refuses with advice."""
+    with atomic_path(path) as tmp:
+        torch.save({"disabled": True}, tmp)
+
+
+def resolve_weights(cfg: ModelConfigT, pretrain: Path) -> ModelConfigT:
+    """`weights: pretrain` -> the pretrain stage's checkpoint path; other values pass through."""
+    if cfg.weights != "pretrain":
+        return cfg
+    payload = torch.load(pretrain, map_location="cpu", weights_only=True) if Path(pretrain).is_file() else None
+    if not isinstance(payload, dict) or payload.get("disabled"):
+        raise SstlError(
+            "weights: pretrain needs the pretrain stage's backbone: set pretrain.enabled=true "
+            "(e.g. dvc exp run -S pretrain.enabled=true) with the same arch"
+        )
+    return cfg.model_copy(update={"weights": str(pretrain)})
