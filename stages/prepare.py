@@ -22,10 +22,11 @@ def main() -> None:
             p.data.image_size,
             p.data.val_fraction,
             p.seed,
+            neardup=p.data.neardup,
             corrupt_test=p.data.test_add_corruptions,
         )
         tracking.log_metrics(summary.as_metrics())
-        tracking.log_artifacts(PREPARED / "manifest.csv", PREPARED / "skipped.csv")
+        tracking.log_artifacts(PREPARED / "manifest.csv", PREPARED / "skipped.csv", PREPARED / "neardup.csv")
     write_json(METRICS, summary.as_metrics())
     for row in summary.skipped:
         print(f"skipped {row['path']}: {row['reason']}")

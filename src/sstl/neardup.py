@@ -135,7 +135,7 @@ def _batches(images: Images, batch_size: int) -> Iterator[torch.Tensor]:
 
 
 def views(x: torch.Tensor, crop_scales: Sequence[float]) -> list[torch.Tensor]:
-    """(B, C, H, W) -> [the images, then for each scale a crop at each of the 9 anchors] (crops not resized)."""
+    """(B, C, H, W) -> [the images, then for each scale a crop at each of the 16 anchors] (crops not resized)."""
     h, w = x.shape[-2:]
     out = [x]
     for scale in crop_scales:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sstl.corruptions import CorruptConfig
 from sstl.errors import ParamsError, SstlError
 from sstl.models import ModelConfig, check_arch
+from sstl.neardup import NearDupConfig
 from sstl.pretrain import PretrainConfig
 from sstl.pseudolabel import SelectConfig
 from sstl.training import TrainConfig
@@ -37,6 +38,7 @@ class DataParams(Strict):
     folder: str = Field("data/demo", description="image folder: labeled/, unlabeled/, test/, [val/], [test-add/]")
     image_size: int = Field(32, ge=8, le=1024, description="side of the packed square images, pixels")
     val_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="share of labeled moved to val when no val/")
+    neardup: NearDupConfig = NearDupConfig(enabled=False)
     test_add_corruptions: CorruptConfig | None = Field(
         None, description="build test-add from test under seeded corruptions (folder without test-add/)"
     )
