@@ -1,0 +1,218 @@
+"""Throughput of the real data path against synthetic tensors and against a naive ImageFolder loader.
+
+    python benchmarks/throughput.py [--images 4000] [--arch convnet_s]
+
+Same model, same images (CIFAR-10 JPEGs from ../shared, 32 px):
+- sstl: images packed once as uint8 (what `prepare` writes), batches sliced from that tensor and
+  normalised on the fly (training with the no-augmentation teacher path; inference as in pseudolabel);
+- synthetic: the same model fed a pre-made float tensor (the ceiling: no data path at all);
+- naive: torchvision ImageFolder + PIL transforms + DataLoader (what a user would write first);
+- variants of the sstl path: channels-last, bf16 autocast, torch.compile.
+Writes reports/benchmarks/throughput.{md,json} with machine, date and commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+from torchvision import transforms as T
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from cifar10_folder import CACHE, SHARED, unpack  # noqa: E402
+
+from sstl.files import write_json, write_text  # noqa: E402
+from sstl.images import decode  # noqa: E402
+from sstl.models import MEAN, STD, ModelConfig, create_model  # noqa: E402
+from sstl.transforms import normalize  # noqa: E402
+
+BATCH = 128
+
+
+def packed_images(folder: Path, n: int) -> tuple[torch.Tensor, torch.Tensor, list[Path]]:
+    """The first n images (round-robin over classes) decoded once: uint8 (n, 32, 32, 3), labels, paths."""
+    classes = sorted(p.name for p in folder.iterdir())
+    per_class = [sorted((folder / c).iterdir()) for c in classes]
+    paths = [per_class[i % len(classes)][i // len(classes)] for i in range(n)]
+    images = torch.from_numpy(np.stack([decode(p.read_bytes(), 32) for p in paths]))
+    labels = torch.tensor([i % len(classes) for i in range(n)])
+    return images, labels, paths
+
+
+def timed(step: Callable[[torch.Tensor, torch.Tensor], None], batches: Callable[[], Iterator], n: int) -> float:
+    """Images per second: the better of two passes over `batches()`, each after a warm-up batch."""
+    best = 0.0
+    for _ in range(2):
+        it = batches()
+        x, y = next(it)
+        step(x, y)
+        seen, start = 0, time.perf_counter()
+        for x, y in it:
+            step(x, y)
+            seen += len(y)
+        best = max(best, seen / (time.perf_counter() - start))
+    return best
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, bf16: bool, cl: bool) -> Callable:
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def infer_step(model: nn.Module, bf16: bool, cl: bool) -> Callable:
+    @torch.inference_mode()
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            model(x)
+
+    return step
+
+
+def packed_batches(images: torch.Tensor, labels: torch.Tensor) -> Callable[[], Iterator]:
+    def gen() -> Iterator:
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+        for idx in order.split(BATCH):
+            yield normalize(images[idx]), labels[idx]
+
+    return gen
+
+
+def synthetic_batches(images: torch.Tensor, labels: torch.Tensor) -> Callable[[], Iterator]:
+    ready = [(normalize(images[i : i + BATCH]), labels[i : i + BATCH]) for i in range(0, len(labels), BATCH)]
+    return lambda: iter(ready)
+
+
+def naive_batches(root: Path, paths: list[Path], workers: int) -> Callable[[], Iterator]:
+    tf = T.Compose([T.Resize(32), T.ToTensor(), T.Normalize(MEAN, STD)])
+    folder = torchvision.datasets.ImageFolder(str(root), transform=tf)
+    wanted = {str(p) for p in paths}
+    subset = torch.utils.data.Subset(folder, [i for i, (p, _) in enumerate(folder.samples) if p in wanted])
+    loader = torch.utils.data.DataLoader(subset, batch_size=BATCH, shuffle=True, num_workers=workers)
+    return lambda: iter(loader)
+
+
+def measure(args: argparse.Namespace) -> list[dict]:
+    unpack(SHARED, CACHE)
+    root = CACHE / "train"
+    images, labels, paths = packed_images(root, args.images)
+    records = []
+
+    def model(compiled: bool = False, cl: bool = False) -> nn.Module:
+        torch.manual_seed(0)
+        m = create_model(ModelConfig(arch=args.arch, head_layers=0), 10)
+        if cl:
+            m = m.to(memory_format=torch.channels_last)
+        return torch.compile(m) if compiled else m
+
+    variants = [
+        ("synthetic", synthetic_batches(images, labels), {}),
+        ("sstl packed uint8", packed_batches(images, labels), {}),
+        ("sstl + channels-last", packed_batches(images, labels), {"cl": True}),
+        ("sstl + bf16 autocast", packed_batches(images, labels), {"bf16": True}),
+        ("sstl + torch.compile", packed_batches(images, labels), {"compiled": True}),
+        ("naive ImageFolder, 0 workers", naive_batches(root, paths, 0), {}),
+        ("naive ImageFolder, 2 workers", naive_batches(root, paths, 2), {}),
+    ]
+    for name, batches, opts in variants:
+        if opts.get("compiled") and args.skip_compile:
+            continue
+        cl, bf16 = opts.get("cl", False), opts.get("bf16", False)
+        m = model(opts.get("compiled", False), cl).train()
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+        train = timed(train_step(m, opt, bf16, cl), batches, args.images)
+        infer = timed(infer_step(m.eval(), bf16, cl), batches, args.images)
+        rec = {"path": name, "train_images_per_second": round(train, 1), "infer_images_per_second": round(infer, 1)}
+        print(rec, flush=True)
+        records.append(rec)
+    synth = records[0]
+    real = records[1]
+    naive = next(r for r in records if r["path"].startswith("naive ImageFolder, 2"))
+    for r in records:
+        for kind in ("train", "infer"):
+            r[f"{kind}_vs_synthetic"] = round(r[f"{kind}_images_per_second"] / synth[f"{kind}_images_per_second"], 3)
+            r[f"{kind}_vs_naive"] = round(r[f"{kind}_images_per_second"] / naive[f"{kind}_images_per_second"], 2)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    meta = {
+        "machine": f"{cpu}, {os.cpu_count()} cores",
+        "date": datetime.now(timezone.utc).date().isoformat(),
+        "commit": commit.strip(),
+        "arch": args.arch,
+        "images": args.images,
+        "batch": BATCH,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "peak_rss_mb": round(peak),
+    }
+    print(f"real path / synthetic: train {real['train_vs_synthetic']}, infer {real['infer_vs_synthetic']}")
+    return [meta | r for r in records]
+
+
+def render(records: list[dict]) -> str:
+    m = records[0]
+    lines = [
+        "# Throughput: the packed data path vs synthetic tensors vs a naive loader",
+        "",
+        f"`python benchmarks/throughput.py` — {m['arch']}, {m['images']} CIFAR-10 images at 32 px, batch {m['batch']}, "
+        f"torch {m['torch']} ({m['threads']} threads); {m['machine']}; {m['date']}; commit {m['commit']}; "
+        f"peak RSS {m['peak_rss_mb']} MB.",
+        "",
+        "| data path | train img/s | infer img/s | train / synthetic | infer / synthetic "
+        "| train / naive | infer / naive |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        lines.append(
+            f"| {r['path']} | {r['train_images_per_second']} | {r['infer_images_per_second']} | "
+            f"{r['train_vs_synthetic']} | {r['infer_vs_synthetic']} | {r['train_vs_naive']} | {r['infer_vs_naive']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="data-path throughput benchmark")
+    ap.add_argument("--images", type=int, default=4000)
+    ap.add_argument("--arch", default="convnet_s")
+    ap.add_argument("--skip-compile", action="store_true", help="leave out torch.compile (slow to compile)")
+    ap.add_argument("--out", type=Path, default=ROOT / "reports/benchmarks")
+    args = ap.parse_args()
+    records = measure(args)
+    write_json(args.out / "throughput.json", records)
+    write_text(args.out / "throughput.md", render(records))
+    print(render(records))
+
+
+if __name__ == "__main__":
+    main()
