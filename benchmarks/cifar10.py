@@ -152,7 +152,8 @@ def render(records: list[dict]) -> str:
             f"- {labels} labels: "
             + ", ".join(f"{s} {st[s]['seconds']} s / {st[s]['peak_rss_mb']} MB" for s in STAGES if s in st)
         )
-    return "\n".join(lines) + "\n"
+    notes = ROOT / "benchmarks/cifar10-tried.md"  # the log of what was tried, kept by hand
+    return "\n".join(lines) + "\n" + ("\n" + notes.read_text() if notes.is_file() else "")
 
 
 def main() -> None:
@@ -161,8 +162,12 @@ def main() -> None:
     ap.add_argument("--profile", type=Path, default=ROOT / "benchmarks/cifar10.yaml")
     ap.add_argument("--collect", metavar="PIPELINE_ID", help="only collect the figures of a finished run")
     ap.add_argument("--wall", type=float, default=float("nan"), help="with --collect: its wall seconds")
+    ap.add_argument("--render", action="store_true", help="only re-render the markdown from the JSON table")
     args = ap.parse_args()
     n = args.labels_per_class
+    if args.render:
+        write_text(OUT_MD, render(json.loads(OUT_JSON.read_text())))
+        return
     if args.collect:
         os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{ROOT / 'mlflow.db'}")
         save(collect(args.collect, n * 10, args.wall), n * 10)
