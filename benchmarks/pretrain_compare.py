@@ -10,12 +10,8 @@ Writes reports/benchmarks/pretrain.{md,json} with machine, date and commit.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -24,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from cifar10_folder import CACHE, SHARED, layout, unpack  # noqa: E402
+from stamp import stamp  # noqa: E402
 
 from sstl.dataset import load_images, load_split  # noqa: E402
 from sstl.files import write_json, write_text  # noqa: E402
@@ -81,19 +78,8 @@ def main() -> None:
         records.append({"setting": name, "test_accuracy": round(acc, 4), "seconds": round(time.perf_counter() - start)})
         print(records[-1], flush=True)
 
-    cpu = next(
-        (
-            ln.split(":", 1)[1].strip()
-            for ln in Path("/proc/cpuinfo").read_text().splitlines()
-            if ln.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     meta = {
-        "machine": f"{cpu}, {os.cpu_count()} cores",
-        "date": datetime.now(timezone.utc).date().isoformat(),
-        "commit": commit.strip(),
+        **stamp(),
         "arch": ARCH,
         "labels": 4000,
         "pretrain_images": args.pretrain_images,

@@ -14,14 +14,10 @@ Writes reports/benchmarks/throughput.{md,json} with machine, date and commit.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import resource
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from cifar10_folder import CACHE, SHARED, unpack  # noqa: E402
+from stamp import stamp  # noqa: E402
 
 from sstl.files import write_json, write_text  # noqa: E402
 from sstl.images import decode  # noqa: E402
@@ -156,19 +153,8 @@ def measure(args: argparse.Namespace) -> list[dict]:
             r[f"{kind}_vs_synthetic"] = round(r[f"{kind}_images_per_second"] / synth[f"{kind}_images_per_second"], 3)
             r[f"{kind}_vs_naive"] = round(r[f"{kind}_images_per_second"] / naive[f"{kind}_images_per_second"], 2)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    cpu = next(
-        (
-            ln.split(":", 1)[1].strip()
-            for ln in Path("/proc/cpuinfo").read_text().splitlines()
-            if ln.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     meta = {
-        "machine": f"{cpu}, {os.cpu_count()} cores",
-        "date": datetime.now(timezone.utc).date().isoformat(),
-        "commit": commit.strip(),
+        **stamp(),
         "arch": args.arch,
         "images": args.images,
         "batch": BATCH,
