@@ -14,12 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 import uuid
-from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
@@ -28,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from cifar10_folder import CACHE, SHARED, layout, unpack  # noqa: E402
+from stamp import stamp  # noqa: E402
 
 from sstl.files import write_json, write_text  # noqa: E402
 from sstl.tracking import flatten  # noqa: E402
@@ -68,18 +67,6 @@ def overrides(profile: Path, folder: Path) -> list[str]:
     return out + [f"data.folder={folder}"]
 
 
-def machine() -> str:
-    cpu = next(
-        (
-            ln.split(":", 1)[1].strip()
-            for ln in Path("/proc/cpuinfo").read_text().splitlines()
-            if ln.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
-
-
 def collect(pipeline: str, labels: int, wall: float) -> list[dict]:
     import mlflow
 
@@ -91,15 +78,10 @@ def collect(pipeline: str, labels: int, wall: float) -> list[dict]:
         s: {"seconds": round(m.get("stage_seconds", float("nan")), 1), "peak_rss_mb": round(m.get("peak_rss_mb", 0))}
         for s, m in by_stage.items()
     }
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
     ev = by_stage.get("evaluate", {})
     base = {
         "labels": labels,
-        "machine": machine(),
-        "date": datetime.now(timezone.utc).date().isoformat(),
-        "commit": commit,
+        **stamp(),
         "pipeline_seconds": round(wall, 1),
         "stages": stages,
         "pseudolabel_images_per_second": by_stage.get("pseudolabel", {}).get("infer_images_per_second"),

@@ -128,9 +128,9 @@ def create_model(cfg: ModelConfig, num_classes: int) -> Classifier:
     state-dict file; or an sstl checkpoint (e.g. the `pretrain` stage's), whose blocks are copied.
     """
     check_arch(cfg.arch)
-    sstl_ckpt = None
-    if cfg.weights not in ("none", "imagenet"):
-        sstl_ckpt = _sstl_checkpoint(Path(cfg.weights))
+    payload = _read_weights_file(Path(cfg.weights)) if cfg.weights not in ("none", "imagenet") else None
+    is_sstl = isinstance(payload, dict) and {"state_dict", "model"} <= set(payload)  # written by save_checkpoint
+    sstl_ckpt = payload if is_sstl else None
     if cfg.arch in CONVNETS:
         if cfg.weights != "none" and sstl_ckpt is None:
             raise SstlError(
@@ -140,7 +140,7 @@ def create_model(cfg: ModelConfig, num_classes: int) -> Classifier:
     else:
         net = torchvision.models.get_model(cfg.arch, weights=None)
         if cfg.weights != "none" and sstl_ckpt is None:
-            _load_backbone(net, cfg.arch, cfg.weights)
+            _load_backbone(net, cfg.arch, cfg.weights, payload)
         blocks, width = ARCHS[cfg.arch](net)
     model = Classifier(blocks, make_head(width, num_classes, cfg))
     if sstl_ckpt is not None:
@@ -148,14 +148,12 @@ def create_model(cfg: ModelConfig, num_classes: int) -> Classifier:
     return model
 
 
-def _sstl_checkpoint(path: Path) -> dict[str, Any] | None:
-    """The payload if `path` is a checkpoint written by sstl (save_checkpoint), else None."""
+def _read_weights_file(path: Path) -> Any:
     if not path.is_file():
-        return None  # _load_backbone says what is wrong
-    payload = _torch_load(path)
-    if isinstance(payload, dict) and {"state_dict", "model"} <= set(payload):
-        return payload
-    return None
+        raise SstlError(
+            f"weights file {path} not found: set weights to none, imagenet, pretrain, or a state-dict file path"
+        )
+    return _torch_load(path)
 
 
 def _load_blocks(model: Classifier, payload: dict[str, Any], cfg: ModelConfig) -> None:
@@ -169,15 +167,13 @@ def _load_blocks(model: Classifier, payload: dict[str, Any], cfg: ModelConfig) -
     model.blocks.load_state_dict(blocks)
 
 
-def _load_backbone(net: nn.Module, arch: str, weights: str) -> None:
+def _load_backbone(net: nn.Module, arch: str, weights: str, file_payload: Any = None) -> None:
+    """Load torchvision-format weights: ImageNet's, or `file_payload` read from the file `weights`."""
     state: Any
     if weights == "imagenet":
         state = _imagenet_state_dict(arch)
     else:
-        path = Path(weights)
-        if not path.is_file():
-            raise SstlError(f"weights file {path} not found: set weights to none, imagenet, or a state-dict file path")
-        state = _torch_load(path)
+        state, path = file_payload, weights
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]  # an sstl checkpoint or a training-script dump
         if not isinstance(state, dict):
