@@ -25,11 +25,13 @@ def main() -> None:
     data = {split: load_split(PREPARED, split) for split in SPLITS}
     metrics: dict = {}
     per_class: dict = {}
-    with tracking.stage_run("evaluate", p.mlflow.experiment, {"evaluate": p.evaluate.model_dump()}):
+    with tracking.stage_run(
+        "evaluate", p.mlflow.experiment, {"precision": p.precision, "evaluate": p.evaluate.model_dump()}
+    ):
         for name, path in MODELS.items():
             model, _ = load_checkpoint(path)
             for split, d in data.items():
-                r = evaluate_model(model, d, len(classes), p.evaluate.ece_bins)
+                r = evaluate_model(model, d, len(classes), p.evaluate.ece_bins, p.precision)
                 metrics.setdefault(name, {})[split] = {k: round(r[k], 4) for k in ("accuracy", "macro_f1", "ece")}
                 per_class.setdefault(name, {})[split] = dict(zip(classes, r["per_class_accuracy"], strict=True))
                 rows = [

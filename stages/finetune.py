@@ -21,7 +21,9 @@ def main() -> None:
     model, meta = load_checkpoint(STUDENT)
     labeled, val = load_split(PREPARED, "labeled"), load_split(PREPARED, "val")
     classes = load_classes(PREPARED)
-    with tracking.stage_run("finetune", p.mlflow.experiment, {"seed": p.seed, "finetune": p.finetune.model_dump()}):
+    with tracking.stage_run(
+        "finetune", p.mlflow.experiment, {"seed": p.seed, "precision": p.precision, "finetune": p.finetune.model_dump()}
+    ):
         result = train_and_save(
             model,
             ModelConfig.model_validate(meta["model"]),
@@ -32,7 +34,13 @@ def main() -> None:
             p.seed,
             MODEL,
             CURVE,
-            config={"finetune": p.finetune.model_dump(), "from": str(STUDENT), "seed": p.seed},
+            config={
+                "finetune": p.finetune.model_dump(),
+                "from": str(STUDENT),
+                "seed": p.seed,
+                "precision": p.precision,
+            },
+            precision=p.precision,
         )
     print(f"finetune: val_loss={result.best_val_loss:.4f} val_acc={result.best_val_acc:.4f} -> {MODEL}")
 

@@ -24,8 +24,10 @@ def main() -> None:
         print("pretrain: disabled (pretrain.enabled=false)")
         return
     pool = load_images(PREPARED, "unlabeled")
-    with tracking.stage_run("pretrain", p.mlflow.experiment, {"seed": p.seed, "pretrain": p.pretrain.model_dump()}):
-        model, model_cfg, result = pretrain_rotation(pool, p.pretrain, p.seed, tracking.log_epoch)
+    with tracking.stage_run(
+        "pretrain", p.mlflow.experiment, {"seed": p.seed, "precision": p.precision, "pretrain": p.pretrain.model_dump()}
+    ):
+        model, model_cfg, result = pretrain_rotation(pool, p.pretrain, p.seed, tracking.log_epoch, p.precision)
         save_checkpoint(MODEL, model, model_cfg, list(ROTATIONS), int(pool.shape[1]), config=p.pretrain.model_dump())
         write_csv(CURVE, result.history)
         tracking.log_metrics({"rotation_val_acc": result.best_val_acc, "train_seconds": result.seconds})

@@ -35,10 +35,14 @@ def main() -> None:
     with distributed() as (rank, _):
         run: AbstractContextManager[Any] = nullcontext()
         if rank == 0:  # one MLflow run, one writer
-            run = tracking.stage_run("pseudolabel", p.mlflow.experiment, {"pseudolabel": p.pseudolabel.model_dump()})
+            run = tracking.stage_run(
+                "pseudolabel",
+                p.mlflow.experiment,
+                {"precision": p.precision, "pseudolabel": p.pseudolabel.model_dump()},
+            )
         with run:
             start = time.perf_counter()
-            selected = pseudolabel(model, PREPARED, p.pseudolabel, classes, STATE)
+            selected = pseudolabel(model, PREPARED, p.pseudolabel, classes, STATE, precision=p.precision)
             seconds = time.perf_counter() - start
             if selected is None:  # a rank > 0: its shards are merged into rank 0's selection
                 return

@@ -23,7 +23,9 @@ def main() -> None:
     cfg = resolve_weights(TeacherParams.model_validate({**p.teacher.model_dump(), **read_json(BEST)}), PRETRAIN)
     labeled, val = load_split(PREPARED, "labeled"), load_split(PREPARED, "val")
     classes = load_classes(PREPARED)
-    with tracking.stage_run("teacher", p.mlflow.experiment, {"seed": p.seed, "teacher": cfg.model_dump()}):
+    with tracking.stage_run(
+        "teacher", p.mlflow.experiment, {"seed": p.seed, "precision": p.precision, "teacher": cfg.model_dump()}
+    ):
         model = build_model(cfg.model(), len(classes), p.seed)
         result = train_and_save(
             model,
@@ -35,7 +37,8 @@ def main() -> None:
             p.seed,
             MODEL,
             CURVE,
-            config={"teacher": cfg.model_dump(), "seed": p.seed},
+            config={"teacher": cfg.model_dump(), "seed": p.seed, "precision": p.precision},
+            precision=p.precision,
         )
     print(f"teacher: val_loss={result.best_val_loss:.4f} val_acc={result.best_val_acc:.4f} -> {MODEL}")
 

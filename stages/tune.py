@@ -21,7 +21,12 @@ def main() -> None:
     p = load_params()
     labeled, val = load_split(PREPARED, "labeled"), load_split(PREPARED, "val")
     classes = load_classes(PREPARED)
-    run_params = {"seed": p.seed, "tune": p.tune.model_dump(), "teacher": p.teacher.model_dump()}
+    run_params = {
+        "seed": p.seed,
+        "precision": p.precision,
+        "tune": p.tune.model_dump(),
+        "teacher": p.teacher.model_dump(),
+    }
     with tracking.stage_run("tune", p.mlflow.experiment, run_params):
         trials = tune_teacher(
             resolve_weights(p.teacher, PRETRAIN),
@@ -32,6 +37,7 @@ def main() -> None:
             p.tune.n_random,
             p.tune.n_guided,
             p.seed,
+            p.precision,
         )
         best = best_params(trials, list(p.tune.space))
         write_csv(OUT / "trials.csv", trials)

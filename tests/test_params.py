@@ -217,3 +217,9 @@ def test_load_params_reports_file_name_and_key(tmp_path: Path) -> None:
         load_params(path)
     assert str(path) in str(info.value)
     assert "teacher.lrr" in str(info.value)
+
+
+def test_precision_is_checked(repo_raw: dict[str, Any]) -> None:
+    msg = error_of(with_change(repo_raw, "precision", "fp16"))
+    assert msg.startswith("params.yaml: precision:") and "'fp32' or 'bf16'" in msg
+    assert parse_params(with_change(repo_raw, "precision", "bf16")).precision == "bf16"

@@ -16,6 +16,7 @@ from sstl.corruptions import CorruptConfig
 from sstl.errors import ParamsError, SstlError
 from sstl.models import ModelConfig, check_arch
 from sstl.neardup import NearDupConfig
+from sstl.precision import Precision
 from sstl.pretrain import PretrainConfig
 from sstl.pseudolabel import SelectConfig
 from sstl.training import TrainConfig
@@ -116,6 +117,7 @@ class EvaluateParams(Strict):
 
 class Params(Strict):
     seed: int = Field(42, ge=0)
+    precision: Precision = Field("fp32", description="forward passes: fp32, or bf16 autocast (CPUs with native bf16)")
     data: DataParams = DataParams()
     demo: DemoParams = DemoParams()
     mlflow: MlflowParams = MlflowParams()

@@ -19,6 +19,7 @@ from sstl.dataset import ImageSet
 from sstl.errors import SstlError
 from sstl.files import atomic_path
 from sstl.models import Classifier, ModelConfig, create_model
+from sstl.precision import Precision
 from sstl.training import FitResult, TrainConfig, fit, seed_everything
 
 ROTATIONS = ("0", "90", "180", "270")
@@ -48,6 +49,7 @@ def pretrain_rotation(
     cfg: PretrainConfig,
     seed: int,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    precision: Precision = "fp32",
 ) -> tuple[Classifier, ModelConfig, FitResult]:
     """Train `cfg.arch` on the rotation pretext task over (a sample of) the pool, uint8 (N, S, S, 3)."""
     rng = np.random.default_rng(seed)
@@ -65,7 +67,9 @@ def pretrain_rotation(
     schedule = TrainConfig(
         head_epochs=0, epochs=cfg.epochs, finetune_lr=cfg.lr, unfreeze_blocks=1000, batch_size=cfg.batch_size
     )
-    result = fit(model, train, val, schedule, len(ROTATIONS), seed, on_epoch=on_epoch, desc="pretrain")
+    result = fit(
+        model, train, val, schedule, len(ROTATIONS), seed, on_epoch=on_epoch, desc="pretrain", precision=precision
+    )
     return model, model_cfg, result
 
 

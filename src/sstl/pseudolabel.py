@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from sstl.files import atomic_path
 from sstl.models import Classifier
+from sstl.precision import Precision, autocast
 from sstl.stream import Accumulator, Selection, Threshold, TopK
 from sstl.transforms import normalize
 
@@ -51,11 +52,20 @@ class SelectConfig(BaseModel):
 
 
 @torch.inference_mode()
-def infer(model: Classifier, images: torch.Tensor, batch_size: int = 256, desc: str = "infer") -> torch.Tensor:
+def infer(
+    model: Classifier,
+    images: torch.Tensor,
+    batch_size: int = 256,
+    desc: str = "infer",
+    precision: Precision = "fp32",
+) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> logits float32 (N, C)."""
     model.eval()
-    chunks = images.split(batch_size)
-    return torch.cat([model(normalize(c)) for c in tqdm(chunks, desc=desc, unit="batch", disable=None)])
+    out = []
+    for chunk in tqdm(images.split(batch_size), desc=desc, unit="batch", disable=None):
+        with autocast(precision):
+            out.append(model(normalize(chunk)).float())
+    return torch.cat(out)
 
 
 def select_threshold(probs: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -129,15 +139,20 @@ def file_digest(path: Path | str) -> str:
 
 
 def shard_probs(
-    model: Classifier, images: np.ndarray | torch.Tensor, start: int, stop: int, batch_size: int
+    model: Classifier,
+    images: np.ndarray | torch.Tensor,
+    start: int,
+    stop: int,
+    batch_size: int,
+    precision: Precision = "fp32",
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Images [start, stop) of uint8 (N, H, W, 3), a batch at a time -> (probs (b, C), index (b,))."""
     model.eval()
     for a in range(start, stop, batch_size):
         b = min(a + batch_size, stop)
         batch = images[a:b] if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images[a:b]))
-        with torch.inference_mode():
-            probs = model(normalize(batch)).softmax(1)
+        with torch.inference_mode(), autocast(precision):
+            probs = model(normalize(batch)).float().softmax(1)
         yield probs, torch.arange(a, b)
 
 
@@ -177,7 +192,14 @@ def clear_state(state_dir: Path | None) -> None:
 
 
 def run_identity(
-    model: Classifier, n: int, cfg: SelectConfig, num_classes: int, pool_id: str, rank: int, size: int
+    model: Classifier,
+    n: int,
+    cfg: SelectConfig,
+    num_classes: int,
+    pool_id: str,
+    rank: int,
+    size: int,
+    precision: Precision = "fp32",
 ) -> str:
     """What a saved state must match to be resumed: model weights, pool, params, process layout."""
     fields = {
@@ -189,6 +211,7 @@ def run_identity(
         "select": cfg.model_dump(),
         "rank": rank,
         "world_size": size,
+        "precision": precision,  # bf16 scores differ in the last bits: never mix them with fp32 ones
     }
     return json.dumps(fields, sort_keys=True)
 
@@ -218,6 +241,7 @@ def select_pool(
     state_dir: Path | None = None,
     pool_id: str = "",
     on_shard: Callable[[int], None] | None = None,
+    precision: Precision = "fp32",
 ) -> Selection | None:
     """Score and select over uint8 (N, H, W, 3) `images` (a memory-mapped .npy is read shard by shard).
 
@@ -232,14 +256,14 @@ def select_pool(
     n = len(images)
     acc = accumulator(cfg, num_classes)
     path = state_file(state_dir, rank, size) if state_dir is not None else None
-    identity = run_identity(model, n, cfg, num_classes, pool_id, rank, size) if path else ""
+    identity = run_identity(model, n, cfg, num_classes, pool_id, rank, size, precision) if path else ""
     last = load_state(path, identity, acc) if path else -1
     if last >= 0:
         tqdm.write(f"pseudolabel: rank {rank} resumes after shard {last} ({path})")
     todo = [s for s in range(rank, math.ceil(n / cfg.shard_size), size) if s > last]
     for s in tqdm(todo, desc="pseudo-label", unit="shard", disable=None if rank == 0 else True):
         start, stop = s * cfg.shard_size, min((s + 1) * cfg.shard_size, n)
-        for probs, index in shard_probs(model, images, start, stop, cfg.batch_size):
+        for probs, index in shard_probs(model, images, start, stop, cfg.batch_size, precision):
             acc.update(probs, index)
         if path:
             save_state(path, identity, s, acc)

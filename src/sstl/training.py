@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from sstl.dataset import ImageSet
 from sstl.models import Classifier, set_trainable, train_mode
+from sstl.precision import Precision, autocast
 from sstl.transforms import augment_batch, normalize
 
 
@@ -77,12 +78,14 @@ def train_epoch(
     generator: torch.Generator,
     unfrozen: int,
     augment: A.Compose | None = None,
+    precision: Precision = "fp32",
 ) -> dict[str, float]:
     train_mode(model, unfrozen)
     total, correct, loss_sum = 0, 0, 0.0
     for x, y in batches(data, batch_size, generator, augment):
         optimizer.zero_grad(set_to_none=True)
-        logits = model(x)
+        with autocast(precision):  # forward only: backward follows the dtypes autocast recorded
+            logits = model(x).float()  # (B, C) fp32, so the loss and its gradient start in fp32
         loss = loss_fn(logits, y)
         loss.backward()
         optimizer.step()
@@ -93,12 +96,15 @@ def train_epoch(
 
 
 @torch.inference_mode()
-def evaluate_loss(model: Classifier, data: ImageSet, batch_size: int = 256) -> dict[str, float]:
+def evaluate_loss(
+    model: Classifier, data: ImageSet, batch_size: int = 256, precision: Precision = "fp32"
+) -> dict[str, float]:
     """Mean cross-entropy and accuracy on a labelled set (no class weights: the honest objective)."""
     model.eval()
     total, correct, loss_sum = 0, 0, 0.0
     for x, y in batches(data, batch_size):
-        logits = model(x)
+        with autocast(precision):
+            logits = model(x).float()
         loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
         total += len(y)
@@ -128,8 +134,12 @@ def fit(
     augment: A.Compose | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     desc: str = "train",
+    precision: Precision = "fp32",
 ) -> FitResult:
-    """Train in the two phases; returns the history (one dict per epoch) and the best val loss."""
+    """Train in the two phases; returns the history (one dict per epoch) and the best val loss.
+
+    `precision` applies to every forward pass, validation included; weights stay fp32.
+    """
     seed_everything(seed)
     generator = torch.Generator().manual_seed(seed)
     weight = class_weights(train.labels, num_classes) if cfg.class_weights else None
@@ -148,12 +158,14 @@ def fit(
         optimizer = torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
         plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=cfg.plateau_patience)
         best_state, stale = copy.deepcopy(model.state_dict()), 0
-        phase_best = evaluate_loss(model, val)["val_loss"] if phase > 1 else float("inf")
+        phase_best = evaluate_loss(model, val, precision=precision)["val_loss"] if phase > 1 else float("inf")
         for _ in range(epochs):
             t0 = time.perf_counter()
             row = {"phase": phase, "lr": optimizer.param_groups[0]["lr"]}
-            row |= train_epoch(model, optimizer, loss_fn, train, cfg.batch_size, generator, unfrozen, augment)
-            row |= evaluate_loss(model, val)
+            row |= train_epoch(
+                model, optimizer, loss_fn, train, cfg.batch_size, generator, unfrozen, augment, precision
+            )
+            row |= evaluate_loss(model, val, precision=precision)
             row |= {"epoch": len(history) + 1, "seconds": time.perf_counter() - t0}
             seen += len(train)
             history.append(row)
@@ -170,5 +182,5 @@ def fit(
                     break
         model.load_state_dict(best_state)
     bar.close()
-    final = evaluate_loss(model, val)  # the restored best weights, measured once more
+    final = evaluate_loss(model, val, precision=precision)  # the restored best weights, measured once more
     return FitResult(history, final["val_loss"], final["val_acc"], time.perf_counter() - start, seen)

@@ -21,6 +21,7 @@ from sstl.files import write_csv
 from sstl.metrics import classification_report
 from sstl.models import Classifier, ModelConfig, create_model, save_checkpoint
 from sstl.params import TeacherParams
+from sstl.precision import Precision
 from sstl.pseudolabel import SelectConfig, file_digest, infer, select_pool
 from sstl.training import FitResult, TrainConfig, fit, seed_everything
 from sstl.transforms import normalize
@@ -55,9 +56,12 @@ def train_and_save(
     curve: Path,
     augment: A.Compose | None = None,
     config: dict[str, Any] | None = None,
+    precision: Precision = "fp32",
 ) -> FitResult:
     """Fit, then write the checkpoint (with its resolved config) and the per-epoch curve; log both."""
-    result = fit(model, train, val, schedule, len(classes), seed, augment, tracking.log_epoch, desc=checkpoint.stem)
+    result = fit(
+        model, train, val, schedule, len(classes), seed, augment, tracking.log_epoch, checkpoint.stem, precision
+    )
     image_size = int(train.images.shape[1])
     save_checkpoint(checkpoint, model, model_cfg, classes, image_size, config=config or {}, fit=fit_summary(result))
     write_csv(curve, result.history)
@@ -76,6 +80,7 @@ def tune_teacher(
     n_random: int,
     n_guided: int,
     seed: int,
+    precision: Precision = "fp32",
 ) -> list[dict[str, Any]]:
     """Search `space` around `teacher`; each trial trains a teacher and is logged as a nested run."""
 
@@ -84,7 +89,16 @@ def tune_teacher(
         with tracking.trial_run(trial, overrides):
             model = build_model(cfg.model(), num_classes, seed)
             result = fit(
-                model, train, val, cfg.schedule(), num_classes, seed, None, tracking.log_epoch, f"trial {trial}"
+                model,
+                train,
+                val,
+                cfg.schedule(),
+                num_classes,
+                seed,
+                None,
+                tracking.log_epoch,
+                f"trial {trial}",
+                precision,
             )
             figures = {"val_loss": result.best_val_loss, "val_acc": result.best_val_acc}
             tracking.log_metrics(figures)
@@ -103,6 +117,7 @@ def pseudolabel(
     classes: list[str],
     state_dir: Path | None = None,
     on_shard: Callable[[int], None] | None = None,
+    precision: Precision = "fp32",
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
     """Stream the teacher over the prepared unlabelled pool and select; (selected rows, per-class counts).
 
@@ -111,7 +126,7 @@ def pseudolabel(
     """
     images = load_images(prepared, "unlabeled")
     manifest = Path(prepared) / "manifest.csv"
-    selection = select_pool(model, images, cfg, len(classes), state_dir, file_digest(manifest), on_shard)
+    selection = select_pool(model, images, cfg, len(classes), state_dir, file_digest(manifest), on_shard, precision)
     if selection is None:
         return None
     index, label, score = selection
@@ -144,5 +159,8 @@ def pseudo_set(pool: ImageSet, rows: list[dict[str, str]]) -> ImageSet:
     return chosen
 
 
-def evaluate_model(model: Classifier, data: ImageSet, num_classes: int, bins: int) -> dict[str, Any]:
-    return classification_report(infer(model, data.images, desc="evaluate"), data.labels, num_classes, bins)
+def evaluate_model(
+    model: Classifier, data: ImageSet, num_classes: int, bins: int, precision: Precision = "fp32"
+) -> dict[str, Any]:
+    logits = infer(model, data.images, desc="evaluate", precision=precision)
+    return classification_report(logits, data.labels, num_classes, bins)
