@@ -16,6 +16,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 import yaml
 from conftest import ROOT
 
@@ -177,6 +178,17 @@ def test_report_diffs_against_a_revision(project: Path, monkeypatch: pytest.Monk
     assert "student.dropout" in res.stdout  # the param the last commit changed
     assert "### Metrics: HEAD~1 → workspace" in res.stdout
     assert "| reports/metrics.json | " in res.stdout or "No metric changed" in res.stdout
+
+
+def test_bf16_experiment_reruns_every_computing_stage_in_bf16(project: Path) -> None:
+    # runs before the push/clone test, which commits this workspace and checks that a forced
+    # re-run reproduces it: so bf16 runs are checked for determinism too
+    ran = ran_stages(dvc(project, "exp", "run", "-S", "precision=bf16", "--name", "bf16"))
+    assert {"pretrain", "tune", "teacher", "pseudolabel", "student", "finetune", "evaluate"} <= ran
+    assert not {"demo", "prepare"} & ran
+    for name in MODELS:
+        meta = torch.load(project / f"models/{name}.pt", map_location="cpu", weights_only=True)
+        assert meta["config"]["precision"] == "bf16", name
 
 
 def test_push_clone_pull_is_clean_and_repro_is_deterministic(project: Path, tmp_path: Path) -> None:

@@ -2,8 +2,8 @@
 
 bf16 autocast runs convolutions and matrix products in bfloat16 with fp32 accumulation, while
 weights, optimizer state, losses and softmax stay fp32. On CPUs with native bf16 (AVX512-BF16 or
-AMX) it is about 2x faster in training and inference (reports/benchmarks/throughput.md); where
-oneDNN has no bf16 kernels (no AVX-512) it is emulated and slower, and `autocast` warns.
+AMX) it is about 2x faster in training and inference (reports/benchmarks/throughput.md); elsewhere
+bf16 is emulated and slower, and `autocast` warns.
 """
 
 from __future__ import annotations
@@ -21,11 +21,10 @@ EMULATED = "precision: bf16 on a CPU without native bf16 (AVX512-BF16/AMX) is em
 
 @functools.cache
 def native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (oneDNN's own check; False when it cannot be asked)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX); False when it cannot be asked."""
+    cpu = torch.cpu
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, hence looked up with care
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
 
 
 def autocast(precision: Precision) -> torch.autocast:
