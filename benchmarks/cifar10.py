@@ -33,7 +33,7 @@ from sstl.tracking import flatten  # noqa: E402
 
 OUT_JSON = ROOT / "reports/benchmarks/cifar10.json"
 OUT_MD = ROOT / "reports/benchmarks/cifar10.md"
-STAGES = ("prepare", "tune", "teacher", "pseudolabel", "student", "finetune", "evaluate")
+STAGES = ("prepare", "pretrain", "tune", "teacher", "pseudolabel", "student", "finetune", "evaluate")
 
 
 REPLACE = ("tune.space",)  # sections the profile replaces instead of merging into

@@ -130,6 +130,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
     variants = [
         ("synthetic", synthetic_batches(images, labels), {}),
         ("sstl packed uint8", packed_batches(images, labels), {}),
+        ("synthetic + bf16 autocast", synthetic_batches(images, labels), {"bf16": True}),
         ("sstl + channels-last", packed_batches(images, labels), {"cl": True}),
         ("sstl + bf16 autocast (precision: bf16)", packed_batches(images, labels), {"bf16": True}),
         ("sstl + torch.compile", packed_batches(images, labels), {"compiled": True}),
@@ -164,7 +165,15 @@ def measure(args: argparse.Namespace) -> list[dict]:
         "threads": torch.get_num_threads(),
         "peak_rss_mb": round(peak),
     }
+    # with bf16 the model is twice as fast, so the data path must keep up with a faster ceiling
+    by_path = {r["path"]: r for r in records}
+    fast_synth, fast_real = by_path["synthetic + bf16 autocast"], by_path["sstl + bf16 autocast (precision: bf16)"]
+    meta["bf16_real_vs_synthetic"] = {
+        kind: round(fast_real[f"{kind}_images_per_second"] / fast_synth[f"{kind}_images_per_second"], 3)
+        for kind in ("train", "infer")
+    }
     print(f"real path / synthetic: train {real['train_vs_synthetic']}, infer {real['infer_vs_synthetic']}")
+    print(f"with bf16, real path / synthetic: {meta['bf16_real_vs_synthetic']}")
     return [meta | r for r in records]
 
 
@@ -186,6 +195,12 @@ def render(records: list[dict]) -> str:
             f"| {r['path']} | {r['train_images_per_second']} | {r['infer_images_per_second']} | "
             f"{r['train_vs_synthetic']} | {r['infer_vs_synthetic']} | {r['train_vs_naive']} | {r['infer_vs_naive']} |"
         )
+    bf16 = m["bf16_real_vs_synthetic"]
+    lines += [
+        "",
+        f"With bf16 autocast on both sides, the packed path reaches {bf16['train']:.2f} (training) and "
+        f"{bf16['infer']:.2f} (inference) of the synthetic throughput (target ≥ 0.9).",
+    ]
     return "\n".join(lines) + "\n" + KEPT
 
 
