@@ -26,12 +26,12 @@ def main() -> None:
     metrics: dict = {}
     per_class: dict = {}
     with tracking.stage_run(
-        "evaluate", p.mlflow.experiment, {"precision": p.precision, "evaluate": p.evaluate.model_dump()}
+        "evaluate", p.mlflow.experiment, {"precision": p.precision.infer, "evaluate": p.evaluate.model_dump()}
     ):
         for name, path in MODELS.items():
             model, _ = load_checkpoint(path)
             for split, d in data.items():
-                r = evaluate_model(model, d, len(classes), p.evaluate.ece_bins, p.precision)
+                r = evaluate_model(model, d, len(classes), p.evaluate.ece_bins, p.precision.infer)
                 metrics.setdefault(name, {})[split] = {k: round(r[k], 4) for k in ("accuracy", "macro_f1", "ece")}
                 per_class.setdefault(name, {})[split] = dict(zip(classes, r["per_class_accuracy"], strict=True))
                 rows = [

@@ -22,7 +22,9 @@ def main() -> None:
     labeled, val = load_split(PREPARED, "labeled"), load_split(PREPARED, "val")
     classes = load_classes(PREPARED)
     with tracking.stage_run(
-        "finetune", p.mlflow.experiment, {"seed": p.seed, "precision": p.precision, "finetune": p.finetune.model_dump()}
+        "finetune",
+        p.mlflow.experiment,
+        {"seed": p.seed, "precision": p.precision.train, "finetune": p.finetune.model_dump()},
     ):
         result = train_and_save(
             model,
@@ -38,9 +40,9 @@ def main() -> None:
                 "finetune": p.finetune.model_dump(),
                 "from": str(STUDENT),
                 "seed": p.seed,
-                "precision": p.precision,
+                "precision": p.precision.train,
             },
-            precision=p.precision,
+            precision=p.precision.train,
         )
     print(f"finetune: val_loss={result.best_val_loss:.4f} val_acc={result.best_val_acc:.4f} -> {MODEL}")
 

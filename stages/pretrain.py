@@ -25,9 +25,11 @@ def main() -> None:
         return
     pool = load_images(PREPARED, "unlabeled")
     with tracking.stage_run(
-        "pretrain", p.mlflow.experiment, {"seed": p.seed, "precision": p.precision, "pretrain": p.pretrain.model_dump()}
+        "pretrain",
+        p.mlflow.experiment,
+        {"seed": p.seed, "precision": p.precision.train, "pretrain": p.pretrain.model_dump()},
     ):
-        model, model_cfg, result = pretrain_rotation(pool, p.pretrain, p.seed, tracking.log_epoch, p.precision)
+        model, model_cfg, result = pretrain_rotation(pool, p.pretrain, p.seed, tracking.log_epoch, p.precision.train)
         save_checkpoint(MODEL, model, model_cfg, list(ROTATIONS), int(pool.shape[1]), config=p.pretrain.model_dump())
         write_csv(CURVE, result.history)
         tracking.log_metrics({"rotation_val_acc": result.best_val_acc, "train_seconds": result.seconds})

@@ -38,11 +38,11 @@ def main() -> None:
             run = tracking.stage_run(
                 "pseudolabel",
                 p.mlflow.experiment,
-                {"precision": p.precision, "pseudolabel": p.pseudolabel.model_dump()},
+                {"precision": p.precision.infer, "pseudolabel": p.pseudolabel.model_dump()},
             )
         with run:
             start = time.perf_counter()
-            selected = pseudolabel(model, PREPARED, p.pseudolabel, classes, STATE, precision=p.precision)
+            selected = pseudolabel(model, PREPARED, p.pseudolabel, classes, STATE, precision=p.precision.infer)
             seconds = time.perf_counter() - start
             if selected is None:  # a rank > 0: its shards are merged into rank 0's selection
                 return

@@ -28,7 +28,9 @@ def main() -> None:
     student = resolve_weights(p.student, PRETRAIN)
     augment = strong_augment(p.student.augment, p.data.image_size, p.seed)
     with tracking.stage_run(
-        "student", p.mlflow.experiment, {"seed": p.seed, "precision": p.precision, "student": p.student.model_dump()}
+        "student",
+        p.mlflow.experiment,
+        {"seed": p.seed, "precision": p.precision.train, "student": p.student.model_dump()},
     ):
         tracking.log_metrics({"n_labeled": len(labeled), "n_pseudo": len(pseudo)})
         model = build_model(student.model(), len(classes), p.seed)
@@ -43,8 +45,8 @@ def main() -> None:
             MODEL,
             CURVE,
             augment=augment,
-            config={"student": student.model_dump(), "seed": p.seed, "precision": p.precision},
-            precision=p.precision,
+            config={"student": student.model_dump(), "seed": p.seed, "precision": p.precision.train},
+            precision=p.precision.train,
         )
     print(f"student: val_loss={result.best_val_loss:.4f} val_acc={result.best_val_acc:.4f} -> {MODEL}")
 

@@ -24,7 +24,7 @@ def main() -> None:
     labeled, val = load_split(PREPARED, "labeled"), load_split(PREPARED, "val")
     classes = load_classes(PREPARED)
     with tracking.stage_run(
-        "teacher", p.mlflow.experiment, {"seed": p.seed, "precision": p.precision, "teacher": cfg.model_dump()}
+        "teacher", p.mlflow.experiment, {"seed": p.seed, "precision": p.precision.train, "teacher": cfg.model_dump()}
     ):
         model = build_model(cfg.model(), len(classes), p.seed)
         result = train_and_save(
@@ -37,8 +37,8 @@ def main() -> None:
             p.seed,
             MODEL,
             CURVE,
-            config={"teacher": cfg.model_dump(), "seed": p.seed, "precision": p.precision},
-            precision=p.precision,
+            config={"teacher": cfg.model_dump(), "seed": p.seed, "precision": p.precision.train},
+            precision=p.precision.train,
         )
     print(f"teacher: val_loss={result.best_val_loss:.4f} val_acc={result.best_val_acc:.4f} -> {MODEL}")
 

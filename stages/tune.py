@@ -23,7 +23,7 @@ def main() -> None:
     classes = load_classes(PREPARED)
     run_params = {
         "seed": p.seed,
-        "precision": p.precision,
+        "precision": p.precision.train,
         "tune": p.tune.model_dump(),
         "teacher": p.teacher.model_dump(),
     }
@@ -37,7 +37,7 @@ def main() -> None:
             p.tune.n_random,
             p.tune.n_guided,
             p.seed,
-            p.precision,
+            p.precision.train,
         )
         best = best_params(trials, list(p.tune.space))
         write_csv(OUT / "trials.csv", trials)

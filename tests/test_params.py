@@ -219,7 +219,9 @@ def test_load_params_reports_file_name_and_key(tmp_path: Path) -> None:
     assert "teacher.lrr" in str(info.value)
 
 
-def test_precision_is_checked(repo_raw: dict[str, Any]) -> None:
-    msg = error_of(with_change(repo_raw, "precision", "fp16"))
-    assert msg.startswith("params.yaml: precision:") and "'fp32' or 'bf16'" in msg
-    assert parse_params(with_change(repo_raw, "precision", "bf16")).precision == "bf16"
+@pytest.mark.parametrize("key", ["precision.train", "precision.infer"])
+def test_precision_is_checked(repo_raw: dict[str, Any], key: str) -> None:
+    msg = error_of(with_change(repo_raw, key, "fp16"))
+    assert msg.startswith(f"params.yaml: {key}:") and "'fp32' or 'bf16'" in msg
+    section = parse_params(with_change(repo_raw, key, "bf16")).precision
+    assert getattr(section, key.split(".")[1]) == "bf16"

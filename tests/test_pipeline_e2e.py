@@ -180,10 +180,13 @@ def test_report_diffs_against_a_revision(project: Path, monkeypatch: pytest.Monk
     assert "| reports/metrics.json | " in res.stdout or "No metric changed" in res.stdout
 
 
-def test_bf16_experiment_reruns_every_computing_stage_in_bf16(project: Path) -> None:
+def test_bf16_experiments_rerun_the_stages_of_their_precision(project: Path) -> None:
+    ran = ran_stages(dvc(project, "exp", "run", "-S", "precision.infer=bf16", "--name", "bf16-infer"))
+    assert {"pseudolabel", "evaluate"} <= ran  # and student, finetune if a pseudo-label changed
+    assert not {"demo", "prepare", "pretrain", "tune", "teacher"} & ran
     # runs before the push/clone test, which commits this workspace and checks that a forced
     # re-run reproduces it: so bf16 runs are checked for determinism too
-    ran = ran_stages(dvc(project, "exp", "run", "-S", "precision=bf16", "--name", "bf16"))
+    ran = ran_stages(dvc(project, "exp", "run", "-S", "precision.train=bf16", "--name", "bf16"))
     assert {"pretrain", "tune", "teacher", "pseudolabel", "student", "finetune", "evaluate"} <= ran
     assert not {"demo", "prepare"} & ran
     for name in MODELS:

@@ -51,6 +51,14 @@ class DemoParams(Strict):
     test_add_fraction: float = Field(0.1, gt=0.0, lt=0.5)
 
 
+class PrecisionParams(Strict):
+    """bf16 autocast (see sstl.precision), chosen apart for training and for inference: in inference it
+    changes no decision worth counting; in training it costs some accuracy (reports/benchmarks/precision.md)."""
+
+    train: Precision = Field("fp32", description="pretrain, tune trials, teacher, student, finetune")
+    infer: Precision = Field("fp32", description="pseudolabel and evaluate")
+
+
 class MlflowParams(Strict):
     experiment: str = Field("sstl", min_length=1)
 
@@ -117,7 +125,7 @@ class EvaluateParams(Strict):
 
 class Params(Strict):
     seed: int = Field(42, ge=0)
-    precision: Precision = Field("fp32", description="forward passes: fp32, or bf16 autocast (CPUs with native bf16)")
+    precision: PrecisionParams = PrecisionParams()
     data: DataParams = DataParams()
     demo: DemoParams = DemoParams()
     mlflow: MlflowParams = MlflowParams()

@@ -16,7 +16,10 @@ import torch
 
 Precision = Literal["fp32", "bf16"]
 PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16")
-EMULATED = "precision: bf16 on a CPU without native bf16 (AVX512-BF16/AMX) is emulated and slower; set precision: fp32"
+EMULATED = (
+    "precision: bf16 on a CPU without native bf16 (AVX512-BF16/AMX) is emulated and slower; "
+    "set precision.train and precision.infer to fp32"
+)
 
 
 @functools.cache

@@ -1,0 +1,146 @@
+"""fp32 vs bf16 autocast on CIFAR-10 (4,000 labels): the same teacher, several seeds, accuracy and speed.
+
+    python benchmarks/precision.py [--seeds 0 1 2] [--epochs 30]
+
+The profile's teacher (convnet_s, fixed hyperparameters: no tuning, so only the precision differs)
+trained in each precision with each seed, and each trained model scored in each precision; test
+and test-add accuracy, training and inference images per second. Answers whether bf16 keeps
+accuracy, in training and in inference: compare the gaps with the spread between seeds.
+Writes reports/benchmarks/precision.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from cifar10_folder import CACHE, SHARED, layout, unpack  # noqa: E402
+from stamp import stamp  # noqa: E402
+
+from sstl.corruptions import CorruptConfig  # noqa: E402
+from sstl.dataset import load_split  # noqa: E402
+from sstl.files import write_json, write_text  # noqa: E402
+from sstl.models import ModelConfig  # noqa: E402
+from sstl.precision import PRECISIONS, native_bf16  # noqa: E402
+from sstl.prepare import prepare_folder  # noqa: E402
+from sstl.training import TrainConfig, fit  # noqa: E402
+from sstl.workflow import build_model, evaluate_model  # noqa: E402
+
+MODEL = ModelConfig(arch="convnet_s", head_layers=0, dropout=0.2)  # benchmarks/cifar10.yaml's teacher
+CORRUPT = CorruptConfig(kinds=["gaussian_blur", "gaussian_noise", "jpeg", "contrast"], severity=3, seed=0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=30)
+    args = ap.parse_args()
+    unpack(SHARED, CACHE)
+    folder, prepared = CACHE.parent / "cifar10-400", CACHE.parent / "cifar10-400-prepared-c"
+    layout(CACHE, folder, 400, seed=0)
+    if not (prepared / "manifest.csv").is_file():
+        prepare_folder(folder, prepared, 32, 0.1, seed=42, corrupt_test=CORRUPT)
+    labeled, val, test, test_add = (load_split(prepared, s) for s in ("labeled", "val", "test", "test-add"))
+    schedule = TrainConfig(
+        head_epochs=0,
+        epochs=args.epochs,
+        finetune_lr=2e-3,
+        unfreeze_blocks=4,
+        batch_size=128,
+        patience=5,
+        plateau_patience=2,
+    )
+
+    records = []
+    for seed in args.seeds:
+        for train_precision in PRECISIONS:
+            model = build_model(MODEL, 10, seed)
+            desc = f"{train_precision} seed {seed}"
+            result = fit(model, labeled, val, schedule, 10, seed, desc=desc, precision=train_precision)
+            # each model scored in both precisions: what bf16 costs in training vs in inference alone
+            for infer_precision in PRECISIONS:
+                start = time.perf_counter()
+                acc = {
+                    name: evaluate_model(model, d, 10, 15, infer_precision)["accuracy"]
+                    for name, d in (("test", test), ("test-add", test_add))
+                }
+                infer_speed = (len(test) + len(test_add)) / (time.perf_counter() - start)
+                records.append(
+                    {
+                        "train_precision": train_precision,
+                        "infer_precision": infer_precision,
+                        "seed": seed,
+                        "test_accuracy": round(acc["test"], 4),
+                        "test_add_accuracy": round(acc["test-add"], 4),
+                        "epochs_run": len(result.history),
+                        "train_images_per_second": round(result.images_per_second, 1),
+                        "infer_images_per_second": round(infer_speed, 1),
+                    }
+                )
+                print(records[-1], flush=True)
+
+    meta = {
+        **stamp(),
+        "arch": MODEL.arch,
+        "labels": 4000,
+        "native_bf16": native_bf16(),
+        "threads": torch.get_num_threads(),
+    }
+    records = [meta | r for r in records]
+    out = ROOT / "reports/benchmarks"
+    write_json(out / "precision.json", records)
+    write_text(out / "precision.md", render(records))
+    print(render(records))
+
+
+def mean_sd(records: list[dict], key: str) -> str:
+    xs = [r[key] for r in records]
+    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.4f}"
+
+
+def render(records: list[dict]) -> str:
+    m = records[0]
+    lines = [
+        "# fp32 vs bf16 autocast: the CIFAR-10 teacher (4,000 labels)",
+        "",
+        f"`python benchmarks/precision.py` — {m['arch']} with the profile's fixed teacher hyperparameters, "
+        f"seeds {sorted({r['seed'] for r in records})}; native bf16: {m['native_bf16']}; {m['machine']}; "
+        f"{m['date']}; commit {m['commit']}.",
+        "",
+        "| train | infer | seed | test acc | test-add acc | epochs | train img/s | infer img/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['train_precision']} | {r['infer_precision']} | {r['seed']} | {r['test_accuracy']:.4f} | "
+        f"{r['test_add_accuracy']:.4f} | {r['epochs_run']} | {r['train_images_per_second']:.0f} | "
+        f"{r['infer_images_per_second']:.0f} |"
+        for r in records
+    ]
+    lines += [
+        "",
+        "| train | infer | test acc, mean ± sd | test-add acc, mean ± sd | train img/s | infer img/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for t in PRECISIONS:
+        for i in PRECISIONS:
+            rs = [r for r in records if (r["train_precision"], r["infer_precision"]) == (t, i)]
+            speed = {
+                k: statistics.mean(r[k] for r in rs) for k in ("train_images_per_second", "infer_images_per_second")
+            }
+            lines.append(
+                f"| {t} | {i} | {mean_sd(rs, 'test_accuracy')} | {mean_sd(rs, 'test_add_accuracy')} | "
+                f"{speed['train_images_per_second']:.0f} | {speed['infer_images_per_second']:.0f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
