@@ -51,19 +51,16 @@ def packed_images(folder: Path, n: int) -> tuple[torch.Tensor, torch.Tensor, lis
     return images, labels, paths
 
 
-def timed(step: Callable[[torch.Tensor, torch.Tensor], None], batches: Callable[[], Iterator], n: int) -> float:
-    """Images per second: the better of two passes over `batches()`, each after a warm-up batch."""
-    best = 0.0
-    for _ in range(2):
-        it = batches()
-        x, y = next(it)
+def timed(step: Callable[[torch.Tensor, torch.Tensor], None], batches: Callable[[], Iterator]) -> float:
+    """Images per second of one pass over `batches()`, after a warm-up batch."""
+    it = batches()
+    x, y = next(it)
+    step(x, y)
+    seen, start = 0, time.perf_counter()
+    for x, y in it:
         step(x, y)
-        seen, start = 0, time.perf_counter()
-        for x, y in it:
-            step(x, y)
-            seen += len(y)
-        best = max(best, seen / (time.perf_counter() - start))
-    return best
+        seen += len(y)
+    return seen / (time.perf_counter() - start)
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, bf16: bool, cl: bool) -> Callable:
@@ -137,15 +134,27 @@ def measure(args: argparse.Namespace) -> list[dict]:
         ("naive ImageFolder, 0 workers", naive_batches(root, paths, 0), {}),
         ("naive ImageFolder, 2 workers", naive_batches(root, paths, 2), {}),
     ]
+    steps = {}
     for name, batches, opts in variants:
         if opts.get("compiled") and args.skip_compile:
             continue
         cl, bf16 = opts.get("cl", False), opts.get("bf16", False)
-        m = model(opts.get("compiled", False), cl).train()
+        m = model(opts.get("compiled", False), cl)
         opt = torch.optim.Adam(m.parameters(), lr=1e-3)
-        train = timed(train_step(m, opt, bf16, cl), batches, args.images)
-        infer = timed(infer_step(m.eval(), bf16, cl), batches, args.images)
-        rec = {"path": name, "train_images_per_second": round(train, 1), "infer_images_per_second": round(infer, 1)}
+        steps[name] = (m, train_step(m, opt, bf16, cl), infer_step(m, bf16, cl), batches)
+    best = {name: {"train": 0.0, "infer": 0.0} for name in steps}
+    for _ in range(args.rounds):  # rounds interleave the variants: a slow spell of the machine hits them all
+        for name, (m, train, infer, batches) in steps.items():
+            m.train()
+            best[name]["train"] = max(best[name]["train"], timed(train, batches))
+            m.eval()
+            best[name]["infer"] = max(best[name]["infer"], timed(infer, batches))
+    for name, b in best.items():
+        rec = {
+            "path": name,
+            "train_images_per_second": round(b["train"], 1),
+            "infer_images_per_second": round(b["infer"], 1),
+        }
         print(rec, flush=True)
         records.append(rec)
     synth = records[0]
@@ -217,6 +226,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="data-path throughput benchmark")
     ap.add_argument("--images", type=int, default=4000)
     ap.add_argument("--arch", default="convnet_s")
+    ap.add_argument("--rounds", type=int, default=3, help="passes per variant, interleaved; the best is kept")
     ap.add_argument("--skip-compile", action="store_true", help="leave out torch.compile (slow to compile)")
     ap.add_argument("--out", type=Path, default=ROOT / "reports/benchmarks")
     args = ap.parse_args()
