@@ -36,12 +36,7 @@ def main() -> None:
             p.seed,
             MODEL,
             CURVE,
-            config={
-                "finetune": p.finetune.model_dump(),
-                "from": str(STUDENT),
-                "seed": p.seed,
-                "precision": p.precision.train,
-            },
+            config={"finetune": p.finetune.model_dump(), "from": str(STUDENT), "seed": p.seed},
             precision=p.precision.train,
         )
     print(f"finetune: val_loss={result.best_val_loss:.4f} val_acc={result.best_val_acc:.4f} -> {MODEL}")

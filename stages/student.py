@@ -45,7 +45,7 @@ def main() -> None:
             MODEL,
             CURVE,
             augment=augment,
-            config={"student": student.model_dump(), "seed": p.seed, "precision": p.precision.train},
+            config={"student": student.model_dump(), "seed": p.seed},
             precision=p.precision.train,
         )
     print(f"student: val_loss={result.best_val_loss:.4f} val_acc={result.best_val_acc:.4f} -> {MODEL}")

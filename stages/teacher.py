@@ -37,7 +37,7 @@ def main() -> None:
             p.seed,
             MODEL,
             CURVE,
-            config={"teacher": cfg.model_dump(), "seed": p.seed, "precision": p.precision.train},
+            config={"teacher": cfg.model_dump(), "seed": p.seed},
             precision=p.precision.train,
         )
     print(f"teacher: val_loss={result.best_val_loss:.4f} val_acc={result.best_val_acc:.4f} -> {MODEL}")

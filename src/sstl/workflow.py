@@ -58,12 +58,20 @@ def train_and_save(
     config: dict[str, Any] | None = None,
     precision: Precision = "fp32",
 ) -> FitResult:
-    """Fit, then write the checkpoint (with its resolved config) and the per-epoch curve; log both."""
+    """Fit, then write the checkpoint (with its resolved config and precision) and the per-epoch curve; log both."""
     result = fit(
         model, train, val, schedule, len(classes), seed, augment, tracking.log_epoch, checkpoint.stem, precision
     )
     image_size = int(train.images.shape[1])
-    save_checkpoint(checkpoint, model, model_cfg, classes, image_size, config=config or {}, fit=fit_summary(result))
+    save_checkpoint(
+        checkpoint,
+        model,
+        model_cfg,
+        classes,
+        image_size,
+        config=(config or {}) | {"precision": precision},
+        fit=fit_summary(result),
+    )
     write_csv(curve, result.history)
     tracking.log_metrics(fit_summary(result))
     tracking.log_artifacts(curve)
