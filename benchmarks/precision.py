@@ -30,7 +30,9 @@ from sstl.corruptions import CorruptConfig  # noqa: E402
 from sstl.dataset import load_split  # noqa: E402
 from sstl.files import write_json, write_text  # noqa: E402
 from sstl.models import ModelConfig  # noqa: E402
-from sstl.precision import PRECISIONS, native_bf16  # noqa: E402
+from sstl.runtime import Runtime, native_bf16  # noqa: E402
+
+PRECISIONS = ("fp32", "bf16")  # the CPU precisions compared (fp16 needs a GPU)
 from sstl.prepare import prepare_folder  # noqa: E402
 from sstl.training import TrainConfig, fit  # noqa: E402
 from sstl.workflow import build_model, evaluate_model  # noqa: E402
@@ -70,12 +72,15 @@ def main() -> None:
         for train_precision in PRECISIONS:
             model = build_model(MODEL, 10, seed)
             desc = f"{train_precision} seed {seed}"
-            result = fit(model, labeled, val, schedule, 10, seed, desc=desc, precision=train_precision)
+            train_rt = Runtime(torch.device("cpu"), train_precision)
+            result = fit(model, labeled, val, schedule, num_classes=10, seed=seed, desc=desc, runtime=train_rt)
             # each model scored in both precisions: what bf16 costs in training vs in inference alone
             for infer_precision in PRECISIONS:
                 start = time.perf_counter()
                 acc = {
-                    name: evaluate_model(model, d, 10, 15, infer_precision)["accuracy"]
+                    name: evaluate_model(
+                        model, d, num_classes=10, bins=15, runtime=Runtime(torch.device("cpu"), infer_precision)
+                    )["accuracy"]
                     for name, d in (("test", test), ("test-add", test_add))
                 }
                 infer_speed = (len(test) + len(test_add)) / (time.perf_counter() - start)

@@ -73,8 +73,8 @@ def main() -> None:
             patience=5,
             plateau_patience=2,
         )
-        fit(net, labeled, val, schedule, 10, seed=42, desc=name)
-        acc = evaluate_model(net, test, 10, 15)["accuracy"]
+        fit(net, labeled, val, schedule, num_classes=10, seed=42, desc=name)
+        acc = evaluate_model(net, test, num_classes=10, bins=15)["accuracy"]
         records.append({"setting": name, "test_accuracy": round(acc, 4), "seconds": round(time.perf_counter() - start)})
         print(records[-1], flush=True)
 

@@ -35,8 +35,16 @@ from stamp import stamp  # noqa: E402
 from sstl.files import write_json, write_text  # noqa: E402
 from sstl.images import decode  # noqa: E402
 from sstl.models import MEAN, STD, ModelConfig, create_model  # noqa: E402
-from sstl.precision import autocast  # noqa: E402
-from sstl.transforms import normalize  # noqa: E402
+from sstl.runtime import CPU, Runtime  # noqa: E402
+
+BF16 = Runtime(torch.device("cpu"), "bf16")
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W): what Classifier.preprocess does for these archs."""
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)
+    return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
 
 BATCH = 128
 
@@ -68,7 +76,7 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, bf16: bool, cl: boo
         if cl:
             x = x.contiguous(memory_format=torch.channels_last)
         opt.zero_grad(set_to_none=True)
-        with autocast("bf16" if bf16 else "fp32"):  # what sstl's train_epoch does with precision: bf16
+        with (BF16 if bf16 else CPU).autocast():  # what sstl's train_epoch does with precision: bf16
             logits = model(x).float()
         loss = nn.functional.cross_entropy(logits, y)
         loss.backward()
@@ -82,7 +90,7 @@ def infer_step(model: nn.Module, bf16: bool, cl: bool) -> Callable:
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         if cl:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast("bf16" if bf16 else "fp32"):
+        with (BF16 if bf16 else CPU).autocast():
             model(x).float()
 
     return step

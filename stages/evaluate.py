@@ -21,17 +21,18 @@ CONFUSION, SUMMARY = Path("reports/confusion"), Path("reports/summary.md")
 @stage_main
 def main() -> None:
     p = load_params()
+    runtime = p.runtime("infer")
     classes = load_classes(PREPARED)
     data = {split: load_split(PREPARED, split) for split in SPLITS}
     metrics: dict = {}
     per_class: dict = {}
     with tracking.stage_run(
-        "evaluate", p.mlflow.experiment, {"precision": p.precision.infer, "evaluate": p.evaluate.model_dump()}
+        "evaluate", p.mlflow.experiment, {**runtime.describe(), "evaluate": p.evaluate.model_dump()}
     ):
         for name, path in MODELS.items():
-            model, _ = load_checkpoint(path)
+            model, _ = load_checkpoint(path, runtime.device)
             for split, d in data.items():
-                r = evaluate_model(model, d, len(classes), p.evaluate.ece_bins, p.precision.infer)
+                r = evaluate_model(model, d, num_classes=len(classes), bins=p.evaluate.ece_bins, runtime=runtime)
                 metrics.setdefault(name, {})[split] = {k: round(r[k], 4) for k in ("accuracy", "macro_f1", "ece")}
                 per_class.setdefault(name, {})[split] = dict(zip(classes, r["per_class_accuracy"], strict=True))
                 rows = [

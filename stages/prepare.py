@@ -15,15 +15,18 @@ METRICS = Path("reports/prepare.json")
 @stage_main
 def main() -> None:
     p = load_params()
-    with tracking.stage_run("prepare", p.mlflow.experiment, {"seed": p.seed, "data": p.data.model_dump()}):
+    with tracking.stage_run(
+        "prepare", p.mlflow.experiment, {"seed": p.seed, "data": p.data.model_dump(), "image_size": p.image_size()}
+    ):
         summary = prepare_folder(
             Path(p.data.folder),
             PREPARED,
-            p.data.image_size,
+            p.image_size(),
             p.data.val_fraction,
             p.seed,
             neardup=p.data.neardup,
             corrupt_test=p.data.test_add_corruptions,
+            interpolation=p.interpolation(),
         )
         tracking.log_metrics(summary.as_metrics())
         tracking.log_artifacts(PREPARED / "manifest.csv", PREPARED / "skipped.csv", PREPARED / "neardup.csv")

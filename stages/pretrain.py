@@ -23,15 +23,16 @@ def main() -> None:
         write_csv(CURVE, [], ("epoch",))
         print("pretrain: disabled (pretrain.enabled=false)")
         return
+    runtime = p.runtime("train")
     pool = load_images(PREPARED, "unlabeled")
     with tracking.stage_run(
         "pretrain",
         p.mlflow.experiment,
-        {"seed": p.seed, "precision": p.precision.train, "pretrain": p.pretrain.model_dump()},
+        {"seed": p.seed, **runtime.describe(), "pretrain": p.pretrain.model_dump()},
     ):
-        model, model_cfg, result = pretrain_rotation(pool, p.pretrain, p.seed, tracking.log_epoch, p.precision.train)
+        model, model_cfg, result = pretrain_rotation(pool, p.pretrain, p.seed, tracking.log_epoch, runtime)
         save_checkpoint(MODEL, model, model_cfg, list(ROTATIONS), int(pool.shape[1]), config=p.pretrain.model_dump())
-        write_csv(CURVE, result.history)
+        write_csv(CURVE, [{k: v for k, v in row.items() if k != "seconds"} for row in result.history])
         tracking.log_metrics({"rotation_val_acc": result.best_val_acc, "train_seconds": result.seconds})
     print(f"pretrain: rotation val_acc={result.best_val_acc:.4f} -> {MODEL}")
 

@@ -16,7 +16,8 @@ from sstl.errors import stage_main
 from sstl.files import write_csv, write_json
 from sstl.models import load_checkpoint
 from sstl.params import load_params
-from sstl.pseudolabel import clear_state, distributed
+from sstl.pseudolabel import clear_state
+from sstl.runtime import distributed
 from sstl.workflow import pseudolabel
 
 PREPARED = Path("data/prepared")
@@ -30,19 +31,20 @@ STATE = Path(".sstl-state/pseudolabel")  # resume state: git-ignored, not a DVC 
 @stage_main
 def main() -> None:
     p = load_params()
-    model, _ = load_checkpoint(TEACHER)
+    runtime = p.runtime("infer")
+    model, _ = load_checkpoint(TEACHER, runtime.device)
     classes = load_classes(PREPARED)
-    with distributed() as (rank, _):
+    with distributed(runtime) as (rank, _):
         run: AbstractContextManager[Any] = nullcontext()
         if rank == 0:  # one MLflow run, one writer
             run = tracking.stage_run(
                 "pseudolabel",
                 p.mlflow.experiment,
-                {"precision": p.precision.infer, "pseudolabel": p.pseudolabel.model_dump()},
+                {**runtime.describe(), "pseudolabel": p.pseudolabel.model_dump()},
             )
         with run:
             start = time.perf_counter()
-            selected = pseudolabel(model, PREPARED, p.pseudolabel, classes, STATE, precision=p.precision.infer)
+            selected = pseudolabel(model, PREPARED, p.pseudolabel, classes, STATE, runtime=runtime)
             seconds = time.perf_counter() - start
             if selected is None:  # a rank > 0: its shards are merged into rank 0's selection
                 return

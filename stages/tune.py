@@ -1,4 +1,8 @@
-"""Stage tune: scikit-optimize over the teacher's search space; objective = validation loss."""
+"""Stage tune: scikit-optimize over the teacher's search space; objective = validation loss.
+
+With tune.frozen_backbone the trials train the head alone on backbone features computed once
+(cached in FEATURES, which the teacher stage reuses for its own phase 1).
+"""
 
 from pathlib import Path
 
@@ -14,30 +18,28 @@ from sstl.workflow import tune_teacher
 PREPARED = Path("data/prepared")
 PRETRAIN = Path("models/pretrain.pt")
 OUT = Path("reports/tune")
+FEATURES = Path(".sstl-state/features")
 
 
 @stage_main
 def main() -> None:
     p = load_params()
+    runtime = p.runtime("train")
     labeled, val = load_split(PREPARED, "labeled"), load_split(PREPARED, "val")
     classes = load_classes(PREPARED)
-    run_params = {
-        "seed": p.seed,
-        "precision": p.precision.train,
-        "tune": p.tune.model_dump(),
-        "teacher": p.teacher.model_dump(),
-    }
+    run_params = {"seed": p.seed, **runtime.describe(), "tune": p.tune.model_dump(), "teacher": p.teacher.model_dump()}
     with tracking.stage_run("tune", p.mlflow.experiment, run_params):
         trials = tune_teacher(
             resolve_weights(p.teacher, PRETRAIN),
             p.tune.space,
             labeled,
             val,
-            len(classes),
-            p.tune.n_random,
-            p.tune.n_guided,
-            p.seed,
-            p.precision.train,
+            num_classes=len(classes),
+            trials=(p.tune.n_random, p.tune.n_guided),
+            seed=p.seed,
+            runtime=runtime,
+            frozen_backbone=p.tune.frozen_backbone,
+            feature_cache=FEATURES,
         )
         best = best_params(trials, list(p.tune.space))
         write_csv(OUT / "trials.csv", trials)

@@ -232,9 +232,64 @@ def test_sstl_checkpoint_backbone_is_reused(tmp_path: Path) -> None:
     path = tmp_path / "pretrain.pt"
     save_checkpoint(path, src, ModelConfig(arch="convnet_s", head_layers=0), ["0", "90", "180", "270"], 32)
     dst = create_model(ModelConfig(arch="convnet_s", weights=str(path), head_layers=1), 10)
-    for a, b in zip(src.blocks.state_dict().values(), dst.blocks.state_dict().values(), strict=True):
+    for a, b in zip(src.backbone.state_dict().values(), dst.backbone.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     with pytest.raises(SstlError, match="convnet_s backbone, not convnet_m"):
         create_model(ModelConfig(arch="convnet_m", weights=str(path)), 10)
     with pytest.raises(SstlError, match="no imagenet weights"):
         create_model(ModelConfig(arch="convnet_s", weights="imagenet"), 10)
+
+
+# --- preprocessing travels with the backbone --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arch", "mean", "std"),
+    [("resnet18", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), ("tf_efficientnet_lite0", (0.5,) * 3, (0.5,) * 3)],
+)
+def test_preprocess_uses_the_backbones_mean_and_std(arch: str, mean: tuple, std: tuple) -> None:
+    model = create_model(cfg(arch), 2)
+    images = torch.zeros((2, 4, 5, 3), dtype=torch.uint8)
+    images[1, 2, 3] = torch.tensor([255, 0, 128], dtype=torch.uint8)
+    x = model.preprocess(images)
+    assert x.dtype == torch.float32 and x.shape == (2, 3, 4, 5)
+    want = [(1.0 - mean[0]) / std[0], (0.0 - mean[1]) / std[1], (128 / 255 - mean[2]) / std[2]]
+    assert x[1, :, 2, 3].tolist() == pytest.approx(want, abs=1e-5)
+    assert (images[0] == 0).all(), "the input is not modified"
+
+
+def test_timm_data_config_is_recorded_and_restored(tmp_path: Path) -> None:
+    model = create_model(cfg("tf_efficientnet_lite2", head_layers=0), 3)
+    assert model.data.input_size == 260 and model.data.interpolation == "bicubic"
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, model, cfg("tf_efficientnet_lite2", head_layers=0), ["a", "b", "c"], 64)
+    loaded, payload = load_checkpoint(path)
+    assert payload["data"]["mean"] == [0.5, 0.5, 0.5] or tuple(payload["data"]["mean"]) == (0.5, 0.5, 0.5)
+    assert loaded.data == model.data
+    images = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(model.preprocess(images)), loaded(loaded.preprocess(images)))
+
+
+def test_timm_arch_blocks_freeze_from_the_top() -> None:
+    model = create_model(cfg("tf_efficientnet_lite0"), 4)
+    assert len(model.blocks) == 8  # stem, 7 stages (the last with the head conv)
+    set_trainable(model, 1)
+    top = {id(p) for p in model.blocks[-1].parameters()}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == top | {id(p) for p in model.head.parameters()}
+    set_trainable(model, 1000)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_unknown_timm_name_suggests_close_matches() -> None:
+    with pytest.raises(SstlError) as info:
+        create_model(cfg("efficientnet_lite_0"), 3)
+    msg = str(info.value)
+    assert "\n" not in msg and "did you mean" in msg and "efficientnet_lite0" in msg
+
+
+def test_timm_prefix_selects_timm_over_torchvision() -> None:
+    tv, tm = create_model(cfg("resnet18"), 2), create_model(cfg("timm/resnet18"), 2)
+    assert "backbone.0.0.weight" in tv.state_dict() and "backbone.conv1.weight" in tm.state_dict()

@@ -221,7 +221,39 @@ def test_load_params_reports_file_name_and_key(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("key", ["precision.train", "precision.infer"])
 def test_precision_is_checked(repo_raw: dict[str, Any], key: str) -> None:
-    msg = error_of(with_change(repo_raw, key, "fp16"))
-    assert msg.startswith(f"params.yaml: {key}:") and "'fp32' or 'bf16'" in msg
-    section = parse_params(with_change(repo_raw, key, "bf16")).precision
-    assert getattr(section, key.split(".")[1]) == "bf16"
+    msg = error_of(with_change(repo_raw, key, "fp8"))
+    assert msg.startswith(f"params.yaml: {key}:") and "'fp32', 'bf16' or 'fp16'" in msg
+    for value in ("bf16", "fp16"):  # fp16 is checked against the device when the runtime is built
+        section = parse_params(with_change(repo_raw, key, value)).precision
+        assert getattr(section, key.split(".")[1]) == value
+
+
+@pytest.mark.parametrize(("size", "ok"), [(7, False), (2048, False), ("auto", True), ("big", False), (224, True)])
+def test_image_size_is_a_side_in_range_or_auto(repo_raw: dict[str, Any], size: object, ok: bool) -> None:
+    raw = with_change(repo_raw, "data.image_size", size)
+    if ok:
+        assert parse_params(raw).data.image_size == size
+    else:
+        assert error_of(raw).startswith("params.yaml: data.image_size")
+
+
+def test_auto_image_size_and_interpolation_follow_the_backbones(repo_raw: dict[str, Any]) -> None:
+    raw = with_change(repo_raw, "data.image_size", "auto")
+    raw["teacher"]["arch"], raw["student"]["arch"] = "tf_efficientnet_lite0", "tf_efficientnet_lite2"
+    p = parse_params(raw)
+    assert p.image_size() == 260, "the larger input size: Lite2's"
+    assert p.interpolation() == "bicubic"
+    raw["data"]["interpolation"] = "bilinear"
+    assert parse_params(raw).interpolation() == "bilinear"
+
+
+def test_photo_profile_merges_and_validates(repo_raw: dict[str, Any]) -> None:
+    from sstl.params import apply_profile
+
+    merged = apply_profile(repo_raw, "photos", "/data/my-photos")
+    assert merged["data"]["folder"] == "/data/my-photos"
+    assert merged["teacher"]["weights"] == "imagenet" and merged["tune"]["frozen_backbone"] is True
+    assert set(merged["tune"]["space"]) != set(repo_raw["tune"]["space"]), "the search space is replaced whole"
+    assert merged["seed"] == repo_raw["seed"], "what the profile leaves alone is kept"
+    with pytest.raises(SstlError, match="unknown profile 'fotos': choose one of photos"):
+        apply_profile(repo_raw, "fotos")

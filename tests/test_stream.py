@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
+from sstl.inference import infer
 from sstl.models import Classifier, ModelConfig, create_model, load_checkpoint, save_checkpoint
 from sstl.pseudolabel import (
     SelectConfig,
     clear_state,
-    infer,
     select_pool,
     select_threshold,
     select_topk,
@@ -174,7 +174,7 @@ def images_of(pool: Path) -> np.ndarray:
 
 def reference(model: Classifier, pool: Path, cfg: SelectConfig) -> Selection:
     """In memory: all probabilities, then select_topk / select_threshold."""
-    probs = infer(model, torch.from_numpy(np.array(images_of(pool))), cfg.batch_size).softmax(1)
+    probs = infer(model, torch.from_numpy(np.array(images_of(pool))), batch_size=cfg.batch_size).softmax(1)
     if cfg.method == "topk":
         return select_topk(probs, cfg.top_k, cfg.top_p)
     return select_threshold(probs, cfg.threshold)
@@ -257,7 +257,8 @@ import numpy as np
 import torch
 
 from sstl.models import load_checkpoint
-from sstl.pseudolabel import SelectConfig, distributed, select_pool
+from sstl.pseudolabel import SelectConfig, select_pool
+from sstl.runtime import distributed
 
 checkpoint, images, state, out, cfg = sys.argv[1:]
 model, _ = load_checkpoint(Path(checkpoint))

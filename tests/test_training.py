@@ -36,7 +36,7 @@ def new_model(arch: str = "resnet18") -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def trained() -> tuple[torch.nn.Module, FitResult]:
     model = new_model()
-    return model, fit(model, TRAIN, VAL, SCHEDULE, 2, seed=0)
+    return model, fit(model, TRAIN, VAL, SCHEDULE, num_classes=2, seed=0)
 
 
 def test_history_rows(trained: tuple[torch.nn.Module, FitResult]) -> None:
@@ -66,7 +66,7 @@ def test_learns_separable_problem(trained: tuple[torch.nn.Module, FitResult]) ->
 def test_same_seed_same_history_and_weights(trained: tuple[torch.nn.Module, FitResult]) -> None:
     model_a, a = trained
     model_b = new_model()
-    b = fit(model_b, TRAIN, VAL, SCHEDULE, 2, seed=0)
+    b = fit(model_b, TRAIN, VAL, SCHEDULE, num_classes=2, seed=0)
 
     def strip(history: list[dict[str, float]]) -> list[dict[str, float]]:
         return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
@@ -83,7 +83,7 @@ def test_same_seed_same_history_and_weights(trained: tuple[torch.nn.Module, FitR
 def test_early_stopping(patience: int) -> None:
     # lr so small that no weight moves: the val loss never improves after the first epoch
     cfg = TrainConfig(head_epochs=6, epochs=0, lr=1e-30, batch_size=20, patience=patience, plateau_patience=0)
-    result = fit(new_model("mobilenet_v3_small"), TRAIN, VAL, cfg, 2, seed=0)
+    result = fit(new_model("mobilenet_v3_small"), TRAIN, VAL, cfg, num_classes=2, seed=0)
     assert len(result.history) == 1 + patience < cfg.head_epochs
     assert all(row["phase"] == 1 for row in result.history)
 
@@ -113,5 +113,5 @@ def test_class_weights_used_in_fit() -> None:
         torch.cat([torch.nonzero(TRAIN.labels == 0).flatten(), torch.nonzero(TRAIN.labels == 1).flatten()[:5]])
     )
     cfg = TrainConfig(head_epochs=1, epochs=0, lr=1e-3, class_weights=True, batch_size=32)
-    result = fit(new_model("mobilenet_v3_small"), train, VAL, cfg, 2, seed=0)
+    result = fit(new_model("mobilenet_v3_small"), train, VAL, cfg, num_classes=2, seed=0)
     assert len(result.history) == 1

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sstl.models import MEAN, STD
-from sstl.transforms import AugmentConfig, augment_batch, normalize, strong_augment
+from sstl.transforms import AugmentConfig, augment_batch, strong_augment
 
 SIZE = 24
 OFF = {
@@ -93,26 +92,3 @@ def test_translate_shifts_both_ways() -> None:
     assert max(np.abs(dx)) <= 0.2 * 32 + 1 and max(np.abs(dy)) <= 0.2 * 32 + 1
     assert min(dx) < -0.5 < 0.5 < max(dx), f"horizontal shifts only one way: {sorted({float(v) for v in dx})}"
     assert min(dy) < -0.5 < 0.5 < max(dy), f"vertical shifts only one way: {sorted({float(v) for v in dy})}"
-
-
-def test_normalize_shape_dtype_and_values() -> None:
-    images = torch.zeros((2, 4, 5, 3), dtype=torch.uint8)
-    images[1, 2, 3] = torch.tensor([255, 0, 128], dtype=torch.uint8)
-    x = normalize(images)
-    assert x.dtype == torch.float32
-    assert x.shape == (2, 3, 4, 5)
-    want = [(1.0 - MEAN[0]) / STD[0], (0.0 - MEAN[1]) / STD[1], (128 / 255 - MEAN[2]) / STD[2]]
-    assert x[1, :, 2, 3].tolist() == pytest.approx(want, abs=1e-5)
-    zero = [-m / s for m, s in zip(MEAN, STD, strict=True)]
-    assert x[0, :, 0, 0].tolist() == pytest.approx(zero, abs=1e-5)
-
-
-def test_normalize_uses_imagenet_stats() -> None:
-    assert pytest.approx((0.485, 0.456, 0.406)) == MEAN
-    assert pytest.approx((0.229, 0.224, 0.225)) == STD
-
-
-def test_normalize_does_not_modify_input() -> None:
-    images = torch.full((1, 2, 2, 3), 200, dtype=torch.uint8)
-    normalize(images)
-    assert (images == 200).all()

@@ -99,6 +99,27 @@ def run(
         _exit(_dvc(*args, env=env))
 
 
+@app.command()
+def profile(
+    name: Annotated[str, typer.Argument(help="profile to apply: photos")],
+    *,
+    folder: Annotated[Path | None, typer.Option(help="your image folder (labeled/, unlabeled/, test/, ...)")] = None,
+) -> None:
+    """Merge a params profile into params.yaml (e.g. `photos`: ImageNet EfficientNet-Lite teacher and student)."""
+    from sstl.files import write_text
+    from sstl.params import apply_profile
+
+    with user_errors():
+        if not PARAMS.is_file():
+            raise SstlError(f"{PARAMS} not found: run sstl from the project root")
+        if folder is not None and not folder.is_dir():
+            raise SstlError(f"folder {folder} not found: pass the folder that holds labeled/ and unlabeled/")
+        raw = yaml.safe_load(PARAMS.read_text(encoding="utf-8")) or {}
+        merged = apply_profile(raw, name, None if folder is None else str(folder))
+        write_text(PARAMS, yaml.safe_dump(merged, sort_keys=False))
+        typer.echo(f"params.yaml: profile {name} applied; review it with `git diff params.yaml`, then `sstl run`")
+
+
 @exp_app.command("run")
 def exp_run(
     set_param: Annotated[
@@ -151,7 +172,10 @@ def predict(
 
     with user_errors():
         net, meta = load_checkpoint(model)
-        rows = run_predict(net, meta["classes"], meta["image_size"], collect_images(paths), top_k)
+        images = collect_images(paths)
+        rows = run_predict(
+            net, meta["classes"], meta["image_size"], images, top_k, interpolation=meta.get("interpolation")
+        )
         typer.echo(render(rows, fmt.value))
 
 

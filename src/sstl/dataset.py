@@ -63,3 +63,11 @@ def load_split(prepared: Path, split: str) -> ImageSet:
 
 def load_classes(prepared: Path) -> list[str]:
     return list(read_json(Path(prepared) / "classes.json"))
+
+
+def load_packing(prepared: Path) -> dict[str, int | str]:
+    """How prepare packed the images ({image_size, interpolation}): what predict must repeat."""
+    path = Path(prepared) / "packing.json"
+    if not path.is_file():
+        raise SstlError(f"{path} not found: re-run the prepare stage (`dvc repro prepare`)")
+    return dict(read_json(path))

@@ -14,8 +14,17 @@ class UnreadableImage(Exception):
     """The file cannot be used as an image; `str(err)` is the reason for the skip report."""
 
 
-def decode(data: bytes, size: int) -> np.ndarray:
-    """File bytes -> uint8 (size, size, 3): EXIF-rotated, converted to RGB, centre-cropped square."""
+RESAMPLING = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+def decode(data: bytes, size: int, interpolation: str = "bicubic") -> np.ndarray:
+    """File bytes -> uint8 (size, size, 3): EXIF-rotated, converted to RGB, centre-cropped square,
+    resized with the backbone's `interpolation` (bicubic, bilinear, nearest, lanczos)."""
     if not data:
         raise UnreadableImage("empty file")
     try:
@@ -26,7 +35,7 @@ def decode(data: bytes, size: int) -> np.ndarray:
             rgb = to_rgb(ImageOps.exif_transpose(im))
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise UnreadableImage(f"not a readable image ({type(err).__name__}: {err})") from None
-    fitted = ImageOps.fit(rgb, (size, size), method=Image.Resampling.BICUBIC)
+    fitted = ImageOps.fit(rgb, (size, size), method=RESAMPLING[interpolation])
     return np.asarray(fitted, dtype=np.uint8)
 
 

@@ -1,27 +1,34 @@
-"""Model factory: a torchvision backbone cut into blocks, plus a small MLP head.
+"""Model factory: a backbone (torchvision, timm, or sstl's small CNNs) plus a small MLP head.
 
-`create_model(cfg, num_classes)` is the one way to build a network; it raises on an unknown arch and
-lists the valid ones. The backbone is kept as an ordered list of blocks (stem first) so that
-transfer learning can freeze all of it and later unfreeze the top `n` blocks.
+`create_model(cfg, num_classes)` is the one way to build a network; an unknown arch fails with the
+closest names. The backbone's module groups are kept in order (stem first) so that transfer learning
+can freeze all of it and later unfreeze the top `n` blocks; the preprocessing the backbone expects
+(mean, std, input size, interpolation: timm's data config) travels with the model and its checkpoint.
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 from urllib.error import URLError
 
+import timm
 import torch
 import torchvision
 from pydantic import BaseModel, ConfigDict, Field
+from timm.models import group_modules
 from torch import nn
 
 from sstl.errors import SstlError
 from sstl.files import atomic_path
 from sstl.provenance import git_commit
+from sstl.weights import imagenet_state_dict
 
-# ImageNet statistics; used for every backbone so pretrained and scratch models share one input scale.
+# ImageNet statistics: the input scale of torchvision's backbones and sstl's small CNNs; timm backbones bring theirs.
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
@@ -81,34 +88,107 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     arch: str = "resnet18"
-    weights: str = Field("none", description="none | imagenet | path to a state-dict file")
+    weights: str = Field(
+        "none", description="none | imagenet | pretrain | path to a state-dict file or sstl checkpoint"
+    )
     head_layers: int = Field(1, ge=0, le=4, description="hidden layers in the MLP head (0: linear)")
     hidden_size: int = Field(128, ge=1)
     activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
 
 
-class Classifier(nn.Module):
-    """blocks -> global average pool -> head. `blocks[0]` is the stem, `blocks[-1]` the top."""
+class DataConfig(BaseModel):
+    """How pixels must reach a backbone (timm's data config): it travels with the model and its checkpoint."""
 
-    def __init__(self, blocks: list[nn.Module], head: nn.Module) -> None:
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mean: tuple[float, float, float] = MEAN
+    std: tuple[float, float, float] = STD
+    input_size: int = Field(224, ge=8, description="side the backbone was trained at, pixels")
+    interpolation: Literal["bilinear", "bicubic", "nearest", "lanczos"] = "bicubic"
+    fixed_input_size: bool = False
+
+
+class Classifier(nn.Module):
+    """backbone (N, 3, H, W) -> (N, D) pooled features -> head -> (N, C) logits.
+
+    `blocks` are the backbone's module groups, stem first, top last: what transfer learning freezes
+    and unfreezes (not registered twice: they are views into `backbone`). `data` says how to turn
+    uint8 pixels into the backbone's input (`preprocess`), so training, inference and `predict`
+    cannot normalise differently.
+    """
+
+    def __init__(self, backbone: nn.Module, blocks: list[nn.Module], head: nn.Module, data: DataConfig) -> None:
         super().__init__()
-        self.blocks = nn.Sequential(*blocks)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.backbone = backbone
         self.head = head
+        self.data = data
+        self.blocks: tuple[nn.Module, ...] = tuple(blocks)  # a plain attribute: state_dict holds them once
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
+        self.register_buffer("mean", torch.tensor(data.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(data.std).view(1, 3, 1, 1), persistent=False)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, H, W, 3), on any device -> float32 (N, 3, H, W) normalised on the model's device."""
+        x = images.to(self.mean.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+        return (x - self.mean) / self.std
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) normalised images -> (N, D) pooled features."""
-        return self.pool(self.blocks(x)).flatten(1)
+        return self.backbone(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
 
-def check_arch(arch: str) -> str:
-    if arch not in ARCHS and arch not in CONVNETS:
-        raise SstlError(f"unknown arch {arch!r}: choose one of {', '.join(sorted([*ARCHS, *CONVNETS]))}")
+def _sequential(blocks: list[nn.Module]) -> nn.Module:
+    return nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+
+
+def _timm_name(arch: str) -> str | None:
+    """The timm model name `arch` stands for: `timm/<name>` always, a bare name unless torchvision or sstl owns it."""
+    if arch.startswith("timm/"):
+        return arch.removeprefix("timm/")
+    if arch in ARCHS or arch in CONVNETS:
+        return None
     return arch
+
+
+def check_arch(arch: str) -> str:
+    """`arch` if some factory builds it; else one line naming the closest known names."""
+    name = _timm_name(arch)
+    if name is None or name in _timm_models():
+        return arch
+    known = [*ARCHS, *CONVNETS, *_timm_models()]
+    close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}?" if close else "see `timm.list_models()` for timm's names"
+    raise SstlError(
+        f"unknown arch {arch!r}: {hint} (torchvision: {', '.join(ARCHS)}; small CNNs: {', '.join(CONVNETS)}; "
+        "or any timm model name)"
+    )
+
+
+@functools.cache
+def _timm_models() -> frozenset[str]:
+    return frozenset(timm.list_models())
+
+
+def data_config(arch: str) -> DataConfig:
+    """The preprocessing `arch` expects: timm's pretrained data config; ImageNet statistics otherwise."""
+    name = _timm_name(arch)
+    if name is None:
+        return DataConfig(input_size=224 if arch in ARCHS else 32)
+    cfg = timm.get_pretrained_cfg(name)
+    d = cfg.to_dict() if cfg is not None else {}
+    interpolation = d.get("interpolation") or "bicubic"
+    return DataConfig(
+        mean=tuple(d.get("mean") or MEAN),
+        std=tuple(d.get("std") or STD),
+        input_size=int((d.get("input_size") or (3, 224, 224))[-1]),
+        interpolation=interpolation if interpolation in ("bilinear", "bicubic", "nearest", "lanczos") else "bicubic",
+        fixed_input_size=bool(d.get("fixed_input_size", False)),
+    )
 
 
 def make_head(in_dim: int, num_classes: int, cfg: ModelConfig) -> nn.Sequential:
@@ -122,30 +202,49 @@ def make_head(in_dim: int, num_classes: int, cfg: ModelConfig) -> nn.Sequential:
 
 
 def create_model(cfg: ModelConfig, num_classes: int) -> Classifier:
-    """Build `cfg.arch` with its backbone weights loaded.
+    """Build `cfg.arch`, then load its backbone weights.
 
-    weights: `none`; `imagenet` (torchvision's weights API, torchvision archs only); a torchvision
-    state-dict file; or an sstl checkpoint (e.g. the `pretrain` stage's), whose blocks are copied.
+    arch: a torchvision name (ARCHS), an sstl small CNN (CONVNETS), or any timm name (`timm/<name>`
+    when torchvision has the same name). weights: `none`; `imagenet` (an installed weight package,
+    else the torch / timm hub caches: see sstl.weights); a state-dict file; or an sstl checkpoint
+    (e.g. the `pretrain` stage's), whose backbone is copied.
     """
     check_arch(cfg.arch)
     payload = _read_weights_file(Path(cfg.weights)) if cfg.weights not in ("none", "imagenet") else None
     is_sstl = isinstance(payload, dict) and {"state_dict", "model"} <= set(payload)  # written by save_checkpoint
     sstl_ckpt = payload if is_sstl else None
+    timm_name = _timm_name(cfg.arch)
     if cfg.arch in CONVNETS:
         if cfg.weights != "none" and sstl_ckpt is None:
             raise SstlError(
                 f"{cfg.arch} has no {cfg.weights} weights: use weights none, pretrain, or an sstl checkpoint"
             )
         blocks, width = convnet(CONVNETS[cfg.arch])
-    else:
+        backbone = _sequential(blocks)
+    elif timm_name is None:
         net = torchvision.models.get_model(cfg.arch, weights=None)
         if cfg.weights != "none" and sstl_ckpt is None:
-            _load_backbone(net, cfg.arch, cfg.weights, payload)
+            state = _imagenet_state_dict(cfg.arch) if cfg.weights == "imagenet" else _file_state(payload, cfg.weights)
+            _load_backbone(net, cfg.arch, cfg.weights, state)
         blocks, width = ARCHS[cfg.arch](net)
-    model = Classifier(blocks, make_head(width, num_classes, cfg))
+        backbone = _sequential(blocks)
+    else:
+        backbone = timm.create_model(timm_name, pretrained=False, num_classes=0)
+        if cfg.weights != "none" and sstl_ckpt is None:
+            state = imagenet_state_dict(timm_name) if cfg.weights == "imagenet" else _file_state(payload, cfg.weights)
+            _load_backbone(backbone, cfg.arch, cfg.weights, state)
+        blocks, width = _timm_blocks(backbone), int(getattr(backbone, "num_features"))  # noqa: B009
+    model = Classifier(backbone, blocks, make_head(width, num_classes, cfg), data_config(cfg.arch))
     if sstl_ckpt is not None:
-        _load_blocks(model, sstl_ckpt, cfg)
+        _load_sstl_backbone(model, sstl_ckpt, cfg)
     return model
+
+
+def _timm_blocks(net: nn.Module) -> list[nn.Module]:
+    """timm's own coarse grouping (stem, stages, head convs), each group as one ModuleList."""
+    groups = group_modules(net, net.group_matcher(coarse=True))  # type: ignore[operator]  # {group: [module names]}, in depth order
+    named = dict(net.named_modules())
+    return [nn.ModuleList([named[name] for name in names]) for _, names in sorted(groups.items())]
 
 
 def _read_weights_file(path: Path) -> Any:
@@ -156,30 +255,29 @@ def _read_weights_file(path: Path) -> Any:
     return _torch_load(path)
 
 
-def _load_blocks(model: Classifier, payload: dict[str, Any], cfg: ModelConfig) -> None:
-    """Copy the backbone blocks of an sstl checkpoint of the same arch (its head is ignored)."""
+def _file_state(payload: Any, path: str) -> dict[str, torch.Tensor]:
+    state = payload
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # a training-script dump
+    if not isinstance(state, dict):
+        raise SstlError(f"weights file {path} holds no state dict: save one with torch.save(model.state_dict(), path)")
+    return state
+
+
+def _load_sstl_backbone(model: Classifier, payload: dict[str, Any], cfg: ModelConfig) -> None:
+    """Copy the backbone of an sstl checkpoint of the same arch (its head is ignored)."""
     if payload["model"]["arch"] != cfg.arch:
         raise SstlError(
             f"weights {cfg.weights} hold a {payload['model']['arch']} backbone, not {cfg.arch}: "
             "use the same arch or other weights"
         )
-    blocks = {k.removeprefix("blocks."): v for k, v in payload["state_dict"].items() if k.startswith("blocks.")}
-    model.blocks.load_state_dict(blocks)
+    prefix = "backbone."
+    state = {k.removeprefix(prefix): v for k, v in payload["state_dict"].items() if k.startswith(prefix)}
+    model.backbone.load_state_dict(state)
 
 
-def _load_backbone(net: nn.Module, arch: str, weights: str, file_payload: Any = None) -> None:
-    """Load torchvision-format weights: ImageNet's, or `file_payload` read from the file `weights`."""
-    state: Any
-    if weights == "imagenet":
-        state = _imagenet_state_dict(arch)
-    else:
-        state, path = file_payload, weights
-        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]  # an sstl checkpoint or a training-script dump
-        if not isinstance(state, dict):
-            raise SstlError(
-                f"weights file {path} holds no state dict: save one with torch.save(model.state_dict(), path)"
-            )
+def _load_backbone(net: nn.Module, arch: str, weights: str, state: dict[str, torch.Tensor]) -> None:
+    """Load a full-network state dict (torchvision's or timm's keys) into the backbone `net`."""
     # Keep only tensors that fit: a file trained for another number of classes still gives its backbone.
     own = net.state_dict()
     fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
@@ -188,12 +286,12 @@ def _load_backbone(net: nn.Module, arch: str, weights: str, file_payload: Any = 
     if extra:  # e.g. resnet34 weights offered to resnet18: every resnet18 key fits, the rest would be lost
         raise SstlError(
             f"weights {weights} do not fit arch {arch}: {len(extra)} tensors the model lacks "
-            f"(first: {extra[0]}); use weights saved from torchvision's {arch}"
+            f"(first: {extra[0]}); use weights saved from {arch}"
         )
     if missing:
         raise SstlError(
             f"weights {weights} do not fit arch {arch}: {len(missing)} backbone tensors missing "
-            f"(first: {missing[0]}); use weights saved from torchvision's {arch}"
+            f"(first: {missing[0]}); use weights saved from {arch}"
         )
     net.load_state_dict(fitting, strict=False)
 
@@ -208,17 +306,18 @@ def _torch_load(path: Path) -> Any:
 
 
 def _is_head_key(key: str) -> bool:
-    return key.startswith(("fc.", "classifier."))
+    return key.startswith(("fc.", "classifier.", "head.", "head_"))
 
 
 def _imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
+    """torchvision's ImageNet weights, from the torch hub cache (or downloaded where a network is)."""
     entry = torchvision.models.get_model_weights(arch).DEFAULT
     try:
         return entry.get_state_dict(progress=False)
     except (URLError, OSError, RuntimeError) as err:
         cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(entry.url).name
         raise SstlError(
-            f"ImageNet weights for {arch} are not cached and could not be downloaded ({err}): "
+            f"ImageNet weights for {arch} are not cached and could not be downloaded ({type(err).__name__}): "
             f"copy {Path(entry.url).name} to {cache}, or set weights to a local file path"
         ) from None
 
@@ -226,6 +325,7 @@ def _imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
 def set_trainable(model: Classifier, unfreeze_blocks: int) -> None:
     """Freeze the backbone but its top `unfreeze_blocks` blocks; the head always trains."""
     n = len(model.blocks)
+    model.backbone.requires_grad_(unfreeze_blocks >= n)  # all blocks: loose parameters (ViT's tokens) too
     for i, block in enumerate(model.blocks):
         block.requires_grad_(i >= n - unfreeze_blocks)
     model.head.requires_grad_(True)
@@ -243,14 +343,13 @@ def train_mode(model: Classifier, unfreeze_blocks: int) -> None:
 def save_checkpoint(
     path: Path, model: Classifier, cfg: ModelConfig, classes: list[str], image_size: int, **meta: Any
 ) -> None:
-    """Weights plus all it takes to rebuild and use them: config, classes, input size, git commit."""
+    """Weights plus all it takes to rebuild and use them: config, classes, preprocessing, git commit."""
     payload = {
-        "state_dict": model.state_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "model": cfg.model_dump(),
         "classes": classes,
         "image_size": image_size,
-        "mean": MEAN,
-        "std": STD,
+        "data": model.data.model_dump(),  # mean, std, interpolation: how predict must read images
         "git_commit": git_commit(),
         **meta,
     }
@@ -258,12 +357,25 @@ def save_checkpoint(
         torch.save(payload, tmp)
 
 
-def load_checkpoint(path: Path) -> tuple[Classifier, dict[str, Any]]:
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[Classifier, dict[str, Any]]:
     if not Path(path).is_file():
         raise SstlError(f"model {path} not found: run the pipeline first (`sstl run`) or pass --model")
     payload = _torch_load(Path(path))
     cfg = ModelConfig.model_validate({**payload["model"], "weights": "none"})
     model = create_model(cfg, len(payload["classes"]))
     model.load_state_dict(payload["state_dict"])
-    model.eval()
+    if "data" in payload:  # preprocessing as trained, whatever the arch's defaults are today
+        model.data = DataConfig.model_validate(payload["data"])
+        model.mean.copy_(torch.tensor(model.data.mean).view(1, 3, 1, 1))
+        model.std.copy_(torch.tensor(model.data.std).view(1, 3, 1, 1))
+    model.to(device).eval()
     return model, payload
+
+
+def model_digest(model: nn.Module) -> str:
+    """sha256 of the weights (names, dtypes, shapes, bytes): which network scored or featured a set."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

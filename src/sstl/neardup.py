@@ -65,7 +65,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sstl.errors import SstlError
 from sstl.models import Classifier, ModelConfig, create_model
-from sstl.transforms import normalize
 
 Images = np.ndarray | torch.Tensor | Sequence[np.ndarray]
 """uint8 (N, H, W, 3) as an array or a tensor, or a sequence of uint8 (H, W, 3) arrays of one size."""
@@ -175,7 +174,7 @@ def features(
                 rows = [_thumbnail(_resize(v, size), cfg.thumb_size) for v in views(x, scales)]
             else:
                 assert model is not None
-                x = normalize(batch)
+                x = model.preprocess(batch)
                 size = tuple(x.shape[-2:])
                 rows = [F.normalize(model.features(_resize(v, size)), dim=1) for v in views(x, scales)]
             out.append(torch.stack(rows, dim=1).flatten(0, 1))  # image-major: (B * V, D)

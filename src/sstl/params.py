@@ -7,18 +7,18 @@ written) and hands the typed pieces it needs to the library.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sstl.corruptions import CorruptConfig
 from sstl.errors import ParamsError, SstlError
-from sstl.models import ModelConfig, check_arch
+from sstl.models import ModelConfig, check_arch, data_config
 from sstl.neardup import NearDupConfig
-from sstl.precision import Precision
 from sstl.pretrain import PretrainConfig
 from sstl.pseudolabel import SelectConfig
+from sstl.runtime import DEVICE_HELP, Precision, Runtime, make_runtime
 from sstl.training import TrainConfig
 from sstl.transforms import AugmentConfig
 from sstl.tune import SpaceEntry
@@ -37,12 +37,24 @@ class Strict(BaseModel):
 
 class DataParams(Strict):
     folder: str = Field("data/demo", description="image folder: labeled/, unlabeled/, test/, [val/], [test-add/]")
-    image_size: int = Field(32, ge=8, le=1024, description="side of the packed square images, pixels")
+    image_size: int | Literal["auto"] = Field(
+        32, description="side of the packed square images, pixels; auto = the larger input size of teacher and student"
+    )
+    interpolation: Literal["auto", "bilinear", "bicubic", "nearest", "lanczos"] = Field(
+        "auto", description="resampling when packing; auto = the teacher backbone's (timm data config)"
+    )
     val_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="share of labeled moved to val when no val/")
     neardup: NearDupConfig = NearDupConfig(enabled=False)
     test_add_corruptions: CorruptConfig | None = Field(
         None, description="build test-add from test under seeded corruptions (folder without test-add/)"
     )
+
+    @field_validator("image_size")
+    @classmethod
+    def _side(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 8 <= v <= 1024:
+            raise ValueError(f"{v} pixels is out of range: 8..1024, or auto")
+        return v
 
 
 class DemoParams(Strict):
@@ -52,8 +64,9 @@ class DemoParams(Strict):
 
 
 class PrecisionParams(Strict):
-    """bf16 autocast (see sstl.precision), chosen apart for training and for inference: in inference it
-    changes no decision worth counting; in training it costs some accuracy (reports/benchmarks/precision.md)."""
+    """fp32, bf16 or fp16 (GPU only) autocast (see sstl.runtime), chosen apart for training and for
+    inference: in inference it changes no decision worth counting; in training it costs some accuracy
+    (reports/benchmarks/precision.md)."""
 
     train: Precision = Field("fp32", description="pretrain, tune trials, teacher, student, finetune")
     infer: Precision = Field("fp32", description="pseudolabel and evaluate")
@@ -90,6 +103,7 @@ class FinetuneParams(Strict):
     batch_size: int = Field(64, ge=1)
     patience: int = Field(3, ge=1)
     plateau_patience: int = Field(1, ge=0)
+    unfreeze_blocks: int = Field(1000, ge=0, description="top backbone blocks trained (1000: all)")
 
     def schedule(self) -> TrainConfig:
         return TrainConfig(
@@ -97,7 +111,7 @@ class FinetuneParams(Strict):
             epochs=self.epochs,
             lr=self.lr,
             finetune_lr=self.lr,
-            unfreeze_blocks=1000,
+            unfreeze_blocks=self.unfreeze_blocks,
             batch_size=self.batch_size,
             patience=self.patience,
             plateau_patience=self.plateau_patience,
@@ -107,6 +121,9 @@ class FinetuneParams(Strict):
 class TuneParams(Strict):
     n_random: int = Field(10, ge=1, description="random trials before the guided ones")
     n_guided: int = Field(15, ge=0, description="Gaussian-process guided trials")
+    frozen_backbone: bool = Field(
+        False, description="trials train the head only, on backbone features computed once (phase 1)"
+    )
     space: dict[str, SpaceEntry] = Field(default_factory=dict)
 
     @field_validator("space")
@@ -125,6 +142,7 @@ class EvaluateParams(Strict):
 
 class Params(Strict):
     seed: int = Field(42, ge=0)
+    device: str = Field("auto", min_length=1, description=DEVICE_HELP)
     precision: PrecisionParams = PrecisionParams()
     data: DataParams = DataParams()
     demo: DemoParams = DemoParams()
@@ -136,6 +154,23 @@ class Params(Strict):
     student: StudentParams = StudentParams(arch="resnet34")
     finetune: FinetuneParams = FinetuneParams()
     evaluate: EvaluateParams = EvaluateParams()
+
+    def runtime(self, part: Literal["train", "infer"]) -> Runtime:
+        """The device and precision of a stage: built once at its top, passed to all it computes."""
+        return make_runtime(self.device, getattr(self.precision, part))
+
+    def image_size(self) -> int:
+        """Packed side: data.image_size, or with `auto` the larger input size of teacher and student."""
+        if self.data.image_size != "auto":
+            return self.data.image_size
+        return max(data_config(self.teacher.arch).input_size, data_config(self.student.arch).input_size)
+
+    def interpolation(self) -> str:
+        return (
+            data_config(self.teacher.arch).interpolation
+            if self.data.interpolation == "auto"
+            else self.data.interpolation
+        )
 
     @model_validator(mode="after")
     def _tuned_values_fit(self) -> Params:
@@ -198,3 +233,33 @@ def load_params(path: Path | str = "params.yaml") -> Params:
         where = f" at line {mark.line + 1}" if mark else ""
         raise ParamsError(f"{path}: not valid YAML{where}: fix the syntax") from None
     return parse_params(raw, str(path))
+
+
+PROFILES = Path(__file__).parent / "profiles"
+REPLACED = ("tune.space",)  # sections a profile replaces whole instead of merging into
+
+
+def profile_names() -> list[str]:
+    return sorted(p.stem for p in PROFILES.glob("*.yaml"))
+
+
+def apply_profile(raw: dict[str, Any], name: str, folder: str | None = None) -> dict[str, Any]:
+    """params.yaml's mapping with profile `name` merged in (and `data.folder` set); validated, not written."""
+    path = PROFILES / f"{name}.yaml"
+    if not path.is_file():
+        raise SstlError(f"unknown profile {name!r}: choose one of {', '.join(profile_names())}")
+    merged = _merge(raw, yaml.safe_load(path.read_text(encoding="utf-8")), "")
+    if folder is not None:
+        merged.setdefault("data", {})["folder"] = folder
+    parse_params(merged, f"params.yaml with profile {name}")
+    return merged
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any], prefix: str) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and f"{prefix}{key}" not in REPLACED:
+            out[key] = _merge(out[key], value, f"{prefix}{key}.")
+        else:
+            out[key] = value
+    return out

@@ -13,8 +13,9 @@ import torch
 
 from sstl.errors import SstlError
 from sstl.images import IMAGE_SUFFIXES, UnreadableImage, decode
+from sstl.inference import infer
 from sstl.models import Classifier
-from sstl.pseudolabel import infer
+from sstl.runtime import CPU, Runtime
 
 
 def collect_images(paths: list[Path]) -> list[Path]:
@@ -33,16 +34,26 @@ def collect_images(paths: list[Path]) -> list[Path]:
 
 
 def predict(
-    model: Classifier, classes: list[str], image_size: int, paths: list[Path], top_k: int
+    model: Classifier,
+    classes: list[str],
+    image_size: int,
+    paths: list[Path],
+    top_k: int,
+    *,
+    interpolation: str | None = None,
+    runtime: Runtime = CPU,
 ) -> list[dict[str, Any]]:
-    """One row per image: {"path", "predictions": [{"class", "probability"}, ...]} best first."""
+    """One row per image: {"path", "predictions": [{"class", "probability"}, ...]} best first.
+
+    Each image is decoded as `prepare` packed the training images: side `image_size`, resampled with
+    `interpolation` (default: the backbone's); the model normalises with its own mean and std."""
     images = []
     for path in paths:
         try:
-            images.append(decode(path.read_bytes(), image_size))
+            images.append(decode(path.read_bytes(), image_size, interpolation or model.data.interpolation))
         except UnreadableImage as err:
             raise SstlError(f"{path}: {err}; remove it or pass only image files") from None
-    probs = infer(model, torch.from_numpy(np.stack(images)), desc="predict").softmax(1)
+    probs = infer(model, torch.from_numpy(np.stack(images)), runtime=runtime, desc="predict").softmax(1)
     score, index = probs.topk(min(top_k, len(classes)), dim=1)
     return [
         {

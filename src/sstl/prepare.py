@@ -111,6 +111,7 @@ def prepare_folder(
     seed: int,
     neardup: NearDupConfig | None = None,
     corrupt_test: CorruptConfig | None = None,
+    interpolation: str = "bicubic",
 ) -> PrepareSummary:
     """Decode, check, de-duplicate and split `root`; write <split>.npy, manifest.csv, skipped.csv, classes.json.
 
@@ -124,7 +125,7 @@ def prepare_folder(
     for entry in tqdm(entries, desc="decode", unit="img", disable=None):
         data = entry.path.read_bytes()
         try:
-            arrays.append(decode(data, image_size))
+            arrays.append(decode(data, image_size, interpolation))
         except UnreadableImage as err:
             skipped.append({"path": str(entry.path), "reason": str(err)})
             continue
@@ -216,4 +217,5 @@ def prepare_folder(
     write_csv(out / "skipped.csv", skipped, ("path", "reason"))
     write_csv(out / "neardup.csv", near_rows, NEARDUP_FIELDS)
     write_json(out / "classes.json", classes)
+    write_json(out / "packing.json", {"image_size": image_size, "interpolation": interpolation})
     return PrepareSummary(counts, skipped, dropped, classes, len(near_rows))

@@ -19,7 +19,7 @@ from sstl.dataset import ImageSet
 from sstl.errors import SstlError
 from sstl.files import atomic_path
 from sstl.models import Classifier, ModelConfig, create_model
-from sstl.precision import Precision
+from sstl.runtime import CPU, Runtime
 from sstl.training import FitResult, TrainConfig, fit, seed_everything
 
 ROTATIONS = ("0", "90", "180", "270")
@@ -49,7 +49,7 @@ def pretrain_rotation(
     cfg: PretrainConfig,
     seed: int,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
-    precision: Precision = "fp32",
+    runtime: Runtime = CPU,
 ) -> tuple[Classifier, ModelConfig, FitResult]:
     """Train `cfg.arch` on the rotation pretext task over (a sample of) the pool, uint8 (N, S, S, 3)."""
     rng = np.random.default_rng(seed)
@@ -68,7 +68,15 @@ def pretrain_rotation(
         head_epochs=0, epochs=cfg.epochs, finetune_lr=cfg.lr, unfreeze_blocks=1000, batch_size=cfg.batch_size
     )
     result = fit(
-        model, train, val, schedule, len(ROTATIONS), seed, on_epoch=on_epoch, desc="pretrain", precision=precision
+        model,
+        train,
+        val,
+        schedule,
+        num_classes=len(ROTATIONS),
+        seed=seed,
+        runtime=runtime,
+        on_epoch=on_epoch,
+        desc="pretrain",
     )
     return model, model_cfg, result
 

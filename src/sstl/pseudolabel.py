@@ -15,11 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import pickle
 import shutil
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,10 +29,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from sstl.files import atomic_path
-from sstl.models import Classifier
-from sstl.precision import Precision, autocast
+from sstl.inference import batch_outputs
+from sstl.models import Classifier, model_digest
+from sstl.runtime import CPU, Runtime, world
 from sstl.stream import Accumulator, Selection, Threshold, TopK
-from sstl.transforms import normalize
 
 STATE_VERSION = 1
 
@@ -49,23 +48,6 @@ class SelectConfig(BaseModel):
     shard_size: int = Field(
         8192, ge=1, description="images per shard: the unit of resume (state saved after each) and of work per process"
     )
-
-
-@torch.inference_mode()
-def infer(
-    model: Classifier,
-    images: torch.Tensor,
-    batch_size: int = 256,
-    desc: str = "infer",
-    precision: Precision = "fp32",
-) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> logits float32 (N, C)."""
-    model.eval()
-    out = []
-    for chunk in tqdm(images.split(batch_size), desc=desc, unit="batch", disable=None):
-        with autocast(precision):
-            out.append(model(normalize(chunk)).float())
-    return torch.cat(out)
 
 
 def select_threshold(probs: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -98,62 +80,12 @@ def accumulator(cfg: SelectConfig, num_classes: int) -> Accumulator:
     return TopK(num_classes, cfg.top_k, cfg.top_p) if cfg.method == "topk" else Threshold(cfg.threshold)
 
 
-def world() -> tuple[int, int]:
-    """(rank, world size) of this process: (0, 1) unless a torch.distributed group is initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-@contextmanager
-def distributed() -> Iterator[tuple[int, int]]:
-    """Join torchrun's process group (gloo, CPU) when launched by torchrun; yield (rank, world size).
-
-    torchrun sets RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT; without them this is one process.
-    """
-    own = "WORLD_SIZE" in os.environ and "RANK" in os.environ and dist.is_available() and not dist.is_initialized()
-    if own:
-        dist.init_process_group("gloo")
-    try:
-        yield world()
-    finally:
-        if own:
-            dist.destroy_process_group()
-
-
-def model_digest(model: torch.nn.Module) -> str:
-    """sha256 of the weights (names, dtypes, shapes, bytes): which teacher scored a saved state."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def file_digest(path: Path | str) -> str:
     h = hashlib.sha256()
     with Path(path).open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def shard_probs(
-    model: Classifier,
-    images: np.ndarray | torch.Tensor,
-    start: int,
-    stop: int,
-    batch_size: int,
-    precision: Precision = "fp32",
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Images [start, stop) of uint8 (N, H, W, 3), a batch at a time -> (probs (b, C), index (b,))."""
-    model.eval()
-    for a in range(start, stop, batch_size):
-        b = min(a + batch_size, stop)
-        batch = images[a:b] if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images[a:b]))
-        with torch.inference_mode(), autocast(precision):
-            probs = model(normalize(batch)).float().softmax(1)
-        yield probs, torch.arange(a, b)
 
 
 def state_file(state_dir: Path, rank: int, size: int) -> Path:
@@ -199,7 +131,7 @@ def run_identity(
     pool_id: str,
     rank: int,
     size: int,
-    precision: Precision = "fp32",
+    runtime: Runtime = CPU,
 ) -> str:
     """What a saved state must match to be resumed: model weights, pool, params, process layout."""
     fields = {
@@ -211,7 +143,9 @@ def run_identity(
         "select": cfg.model_dump(),
         "rank": rank,
         "world_size": size,
-        "precision": precision,  # bf16 scores differ in the last bits: never mix them with fp32 ones
+        # bf16 and GPU scores differ in the last bits: never mix them with fp32 CPU ones
+        "precision": runtime.precision,
+        "device": runtime.device.type,
     }
     return json.dumps(fields, sort_keys=True)
 
@@ -241,7 +175,7 @@ def select_pool(
     state_dir: Path | None = None,
     pool_id: str = "",
     on_shard: Callable[[int], None] | None = None,
-    precision: Precision = "fp32",
+    runtime: Runtime = CPU,
 ) -> Selection | None:
     """Score and select over uint8 (N, H, W, 3) `images` (a memory-mapped .npy is read shard by shard).
 
@@ -256,15 +190,16 @@ def select_pool(
     n = len(images)
     acc = accumulator(cfg, num_classes)
     path = state_file(state_dir, rank, size) if state_dir is not None else None
-    identity = run_identity(model, n, cfg, num_classes, pool_id, rank, size, precision) if path else ""
+    identity = run_identity(model, n, cfg, num_classes, pool_id, rank, size, runtime) if path else ""
     last = load_state(path, identity, acc) if path else -1
     if last >= 0:
         tqdm.write(f"pseudolabel: rank {rank} resumes after shard {last} ({path})")
     todo = [s for s in range(rank, math.ceil(n / cfg.shard_size), size) if s > last]
     for s in tqdm(todo, desc="pseudo-label", unit="shard", disable=None if rank == 0 else True):
         start, stop = s * cfg.shard_size, min((s + 1) * cfg.shard_size, n)
-        for probs, index in shard_probs(model, images, start, stop, cfg.batch_size, precision):
-            acc.update(probs, index)
+        shard = batch_outputs(model, images, runtime=runtime, batch_size=cfg.batch_size, start=start, stop=stop)
+        for logits, index in shard:
+            acc.update(logits.softmax(1), index)
         if path:
             save_state(path, identity, s, acc)
         if on_shard:

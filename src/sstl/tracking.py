@@ -18,9 +18,11 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import torch
 from mlflow.tracking import MlflowClient
 
 from sstl.provenance import dvc_experiment, git_commit, pipeline_id
+from sstl.runtime import world
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # offline machines: nothing to send home
@@ -77,8 +79,13 @@ def _pipeline_run(client: MlflowClient, experiment_id: str, pid: str) -> str:
 
 
 @contextmanager
-def stage_run(stage: str, experiment: str, params: Mapping[str, Any]) -> Iterator[str]:
-    """An MLflow run for one stage, child of its pipeline execution's run; yields the run id."""
+def stage_run(stage: str, experiment: str, params: Mapping[str, Any], rank: int = 0) -> Iterator[str]:
+    """An MLflow run for one stage, child of its pipeline execution's run; yields the run id.
+
+    Under torchrun only rank 0 logs (`rank` > 0 yields "" and every log_* call below is a no-op there)."""
+    if rank != 0:
+        yield ""
+        return
     experiment_id = _experiment_id(experiment)
     pid = pipeline_id()
     parent = _pipeline_run(MlflowClient(), experiment_id, pid)
@@ -96,7 +103,10 @@ def stage_run(stage: str, experiment: str, params: Mapping[str, Any]) -> Iterato
         yield run.info.run_id
         # ru_maxrss is in KiB on Linux: the process's peak resident memory, imports included
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        mlflow.log_metrics({"stage_seconds": time.perf_counter() - start, "peak_rss_mb": peak_mb})
+        peaks = {"stage_seconds": time.perf_counter() - start, "peak_rss_mb": peak_mb}
+        if torch.cuda.is_initialized():
+            peaks["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        mlflow.log_metrics(peaks)
 
 
 @contextmanager
@@ -107,18 +117,29 @@ def trial_run(trial: int, params: Mapping[str, Any]) -> Iterator[str]:
         yield run.info.run_id
 
 
+def _lead() -> bool:
+    """Whether this process logs: always, but for torchrun ranks other than 0."""
+    return world()[0] == 0
+
+
 def log_epoch(row: Mapping[str, float], prefix: str = "") -> None:
     """One epoch's figures as MLflow metrics at step = epoch (a curve per key in the UI)."""
+    if not _lead():
+        return
     step = int(row["epoch"])
     mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in row.items() if k != "epoch"}, step=step)
 
 
 def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> None:
+    if not _lead():
+        return
     numeric = {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float))}
     mlflow.log_metrics(numeric, step=step)
 
 
 def log_artifacts(*paths: Path | str) -> None:
+    if not _lead():
+        return
     for path in map(Path, paths):
         if path.is_dir():
             mlflow.log_artifacts(str(path), artifact_path=path.name)

@@ -1,7 +1,8 @@
 """The training loop shared by teacher, student and fine-tuning.
 
-Two phases, as in the seeds' transfer learning: (1) the head on a frozen backbone at `lr`,
-(2) the top `unfreeze_blocks` blocks unfrozen at `finetune_lr`. Each phase: Adam, LR x0.1 when the
+Two phases, as in the seeds' transfer learning: (1) the head on a frozen backbone at `lr` (on the
+backbone's features, computed once, when there is no augmentation), (2) the top `unfreeze_blocks`
+blocks unfrozen at `finetune_lr`. Each phase: Adam, LR x0.1 when the
 validation loss plateaus, early stopping on it, and the best weights restored at the end.
 `fit` returns the per-epoch history; the caller logs it (see `tracking`).
 """
@@ -9,22 +10,28 @@ validation loss plateaus, early stopping on it, and the best weights restored at
 from __future__ import annotations
 
 import copy
+import hashlib
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import albumentations as A
 import numpy as np
 import torch
+import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from tqdm import tqdm
 
 from sstl.dataset import ImageSet
-from sstl.models import Classifier, set_trainable, train_mode
-from sstl.precision import Precision, autocast
-from sstl.transforms import augment_batch, normalize
+from sstl.errors import SstlError
+from sstl.files import atomic_path
+from sstl.inference import infer
+from sstl.models import Classifier, model_digest, set_trainable, train_mode
+from sstl.runtime import CPU, Runtime, world
+from sstl.transforms import augment_batch
 
 
 class TrainConfig(BaseModel):
@@ -50,17 +57,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def batches(
-    data: ImageSet, batch_size: int, generator: torch.Generator | None = None, augment: A.Compose | None = None
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (x float (B, 3, H, W), y int64 (B,)); shuffled when a generator is given."""
-    n = len(data)
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    for idx in order.split(batch_size):
-        images = data.images[idx]
+# batch index (B,) -> the network's input for those rows, on the runtime's device
+Inputs = Callable[[torch.Tensor], torch.Tensor]
+
+
+def image_inputs(model: Classifier, images: torch.Tensor, runtime: Runtime, augment: A.Compose | None = None) -> Inputs:
+    """Rows of uint8 (N, H, W, 3): augmented on the host (albumentations), then moved and normalised."""
+
+    def get(idx: torch.Tensor) -> torch.Tensor:
+        x = images[idx]
         if augment is not None:
-            images = augment_batch(images, augment)
-        yield normalize(images), data.labels[idx]
+            x = augment_batch(x, augment)
+        return model.preprocess(runtime.put(x))
+
+    return get
+
+
+def feature_inputs(features: torch.Tensor, runtime: Runtime) -> Inputs:
+    """Rows of precomputed backbone features (N, D): phase 1 trains the head on these alone."""
+    return lambda idx: runtime.put(features[idx])
 
 
 def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -69,46 +84,84 @@ def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp(min=1)), torch.zeros(()))
 
 
+@dataclass
+class Step:
+    """What one optimisation step needs besides the batch: built once per phase."""
+
+    optimizer: torch.optim.Optimizer
+    loss_fn: nn.Module
+    scaler: torch.amp.GradScaler
+    runtime: Runtime
+
+
 def train_epoch(
-    model: Classifier,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: nn.Module,
-    data: ImageSet,
-    batch_size: int,
-    generator: torch.Generator,
-    unfrozen: int,
-    augment: A.Compose | None = None,
-    precision: Precision = "fp32",
+    net: nn.Module, inputs: Inputs, labels: torch.Tensor, step: Step, *, batch_size: int, generator: torch.Generator
 ) -> dict[str, float]:
-    train_mode(model, unfrozen)
+    """One pass over shuffled `labels`' rows; under torchrun each process takes every W-th row of a batch.
+
+    `net` is the trained module (the model, its head on features, or either wrapped in DDP); the caller
+    sets train/eval modes. A non-finite loss stops training with the epoch's batch and learning rate.
+    """
+    rank, size = world()
     total, correct, loss_sum = 0, 0, 0.0
-    for x, y in batches(data, batch_size, generator, augment):
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(precision):  # forward only: backward follows the dtypes autocast recorded
-            logits = model(x).float()  # (B, C) fp32, so the loss and its gradient start in fp32
-        loss = loss_fn(logits, y)
-        loss.backward()
-        optimizer.step()
+    order = torch.randperm(len(labels), generator=generator)  # the same on every process: same seed
+    for b, idx in enumerate(order.split(batch_size)):
+        idx = idx[rank::size]
+        y = step.runtime.put(labels[idx])
+        step.optimizer.zero_grad(set_to_none=True)
+        with step.runtime.autocast():  # forward only: backward follows the dtypes autocast recorded
+            logits = net(inputs(idx)).float()  # (B, C) fp32, so the loss and its gradient start in fp32
+        loss = step.loss_fn(logits, y)
+        if not torch.isfinite(loss):
+            lr = step.optimizer.param_groups[0]["lr"]
+            raise SstlError(f"training diverged: loss {loss.item()} at batch {b + 1} (lr {lr:g}): lower the lr")
+        step.scaler.scale(loss).backward()
+        step.scaler.step(step.optimizer)
+        step.scaler.update()
         loss_sum += loss.item() * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
+        correct += int((logits.argmax(1) == y).sum().item())
         total += len(y)
-    return {"train_loss": loss_sum / total, "train_acc": correct / total}
+    return {"train_loss": loss_sum / max(total, 1), "train_acc": correct / max(total, 1)}
 
 
 @torch.inference_mode()
 def evaluate_loss(
-    model: Classifier, data: ImageSet, batch_size: int = 256, precision: Precision = "fp32"
+    net: nn.Module, inputs: Inputs, labels: torch.Tensor, *, runtime: Runtime = CPU, batch_size: int = 256
 ) -> dict[str, float]:
     """Mean cross-entropy and accuracy on a labelled set (no class weights: the honest objective)."""
-    model.eval()
+    net.eval()
     total, correct, loss_sum = 0, 0, 0.0
-    for x, y in batches(data, batch_size):
-        with autocast(precision):
-            logits = model(x).float()
+    for idx in torch.arange(len(labels)).split(batch_size):
+        y = runtime.put(labels[idx])
+        with runtime.autocast():
+            logits = net(inputs(idx)).float()
         loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
+        correct += int((logits.argmax(1) == y).sum().item())
         total += len(y)
     return {"val_loss": loss_sum / total, "val_acc": correct / total}
+
+
+def features(
+    model: Classifier, images: torch.Tensor, *, runtime: Runtime = CPU, cache_dir: Path | None = None
+) -> torch.Tensor:
+    """Pooled backbone features (N, D) of uint8 images: computed once, then read from `cache_dir`.
+
+    The cache key is the backbone's weights, the images' bytes and the runtime (bf16 and GPU features
+    differ in the last bits), so a changed backbone or dataset never reads stale features.
+    """
+    path = None
+    if cache_dir is not None:
+        h = hashlib.sha256(model_digest(model.backbone).encode())
+        h.update(f"{tuple(images.shape)}:{runtime.precision}:{runtime.device.type}".encode())
+        h.update(images.contiguous().numpy().tobytes())
+        path = Path(cache_dir) / f"{h.hexdigest()[:32]}.pt"
+        if path.is_file():
+            return torch.load(path, map_location="cpu", weights_only=True)
+    out = infer(model, images, runtime=runtime, desc="features", features=True)
+    if path is not None:
+        with atomic_path(path) as tmp:
+            torch.save(out, tmp)
+    return out
 
 
 @dataclass
@@ -129,43 +182,56 @@ def fit(
     train: ImageSet,
     val: ImageSet,
     cfg: TrainConfig,
+    *,
     num_classes: int,
     seed: int,
+    runtime: Runtime = CPU,
     augment: A.Compose | None = None,
+    augment_head: bool = True,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     desc: str = "train",
-    precision: Precision = "fp32",
+    feature_cache: Path | None = None,
 ) -> FitResult:
     """Train in the two phases; returns the history (one dict per epoch) and the best val loss.
 
-    `precision` applies to every forward pass, validation included; weights stay fp32.
+    Phase 1 (head only) without augmentation (none given, or `augment_head` off) trains on the
+    backbone's features, computed once (and cached in `feature_cache`): the frozen backbone would give
+    the same features every epoch.
+    `runtime` applies to every forward pass, validation included; weights stay fp32. Under torchrun,
+    gradients are averaged across processes (DDP) and every process ends with the same weights.
     """
     seed_everything(seed)
+    model.to(runtime.device)
     generator = torch.Generator().manual_seed(seed)
-    weight = class_weights(train.labels, num_classes) if cfg.class_weights else None
+    weight = class_weights(train.labels, num_classes).to(runtime.device) if cfg.class_weights else None
     loss_fn = nn.CrossEntropyLoss(weight=weight)
     n_blocks = len(model.blocks)
     phases = [(0, cfg.head_epochs, cfg.lr), (min(cfg.unfreeze_blocks, n_blocks), cfg.epochs, cfg.finetune_lr)]
 
     history: list[dict[str, float]] = []
     start, seen = time.perf_counter(), 0
-    bar = tqdm(total=cfg.head_epochs + cfg.epochs, desc=desc, unit="epoch", disable=None)
+    bar = tqdm(total=cfg.head_epochs + cfg.epochs, desc=desc, unit="epoch", disable=None if world()[0] == 0 else True)
     for phase, (unfrozen, epochs, lr) in enumerate(phases, start=1):
         if epochs == 0:
             continue
         set_trainable(model, unfrozen)
+        noise = augment if unfrozen > 0 or augment_head else None
+        net, train_in, val_in = _phase_inputs(model, train, val, unfrozen, noise, runtime, feature_cache)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
-        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=cfg.plateau_patience)
+        step = Step(
+            torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay), loss_fn, runtime.grad_scaler(), runtime
+        )
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(step.optimizer, factor=0.1, patience=cfg.plateau_patience)
+        trained = _data_parallel(net, runtime)
         best_state, stale = copy.deepcopy(model.state_dict()), 0
-        phase_best = evaluate_loss(model, val, precision=precision)["val_loss"] if phase > 1 else float("inf")
+        phase_best = evaluate_loss(net, val_in, val.labels, runtime=runtime)["val_loss"] if phase > 1 else float("inf")
         for _ in range(epochs):
             t0 = time.perf_counter()
-            row = {"phase": phase, "lr": optimizer.param_groups[0]["lr"]}
-            row |= train_epoch(
-                model, optimizer, loss_fn, train, cfg.batch_size, generator, unfrozen, augment, precision
-            )
-            row |= evaluate_loss(model, val, precision=precision)
+            row = {"phase": phase, "lr": step.optimizer.param_groups[0]["lr"]}
+            train_mode(model, unfrozen)
+            row |= train_epoch(trained, train_in, train.labels, step, batch_size=cfg.batch_size, generator=generator)
+            _sync_buffers(model)
+            row |= evaluate_loss(net, val_in, val.labels, runtime=runtime)
             row |= {"epoch": len(history) + 1, "seconds": time.perf_counter() - t0}
             seen += len(train)
             history.append(row)
@@ -182,5 +248,42 @@ def fit(
                     break
         model.load_state_dict(best_state)
     bar.close()
-    final = evaluate_loss(model, val, precision=precision)  # the restored best weights, measured once more
+    # the restored best weights, measured once more
+    final = evaluate_loss(model, image_inputs(model, val.images, runtime), val.labels, runtime=runtime)
     return FitResult(history, final["val_loss"], final["val_acc"], time.perf_counter() - start, seen)
+
+
+def _phase_inputs(
+    model: Classifier,
+    train: ImageSet,
+    val: ImageSet,
+    unfrozen: int,
+    augment: A.Compose | None,
+    runtime: Runtime,
+    cache: Path | None,
+) -> tuple[nn.Module, Inputs, Inputs]:
+    """(trained module, train inputs, val inputs): the head on cached features, or the whole model on images."""
+    if unfrozen == 0 and augment is None:
+        train_f = features(model, train.images, runtime=runtime, cache_dir=cache)
+        val_f = features(model, val.images, runtime=runtime, cache_dir=cache)
+        return model.head, feature_inputs(train_f, runtime), feature_inputs(val_f, runtime)
+    return model, image_inputs(model, train.images, runtime, augment), image_inputs(model, val.images, runtime)
+
+
+def _data_parallel(net: nn.Module, runtime: Runtime) -> nn.Module:
+    """`net` wrapped in DistributedDataParallel under torchrun (gradients all-reduced), else itself."""
+    if world()[1] == 1:
+        return net
+    ids = [runtime.device.index] if runtime.cuda else None
+    return nn.parallel.DistributedDataParallel(net, device_ids=ids, broadcast_buffers=False)
+
+
+def _sync_buffers(model: nn.Module) -> None:
+    """Average BatchNorm statistics across processes so every process validates (and saves) one model."""
+    rank, size = world()
+    if size == 1:
+        return
+    for buf in model.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf)
+            buf.div_(size)

@@ -1,4 +1,5 @@
-"""Image transforms, in layers: strong augmentation (albumentations, uint8 HWC) -> normalise (tensor).
+"""Strong augmentation (albumentations, uint8 HWC) for the student; normalising is the model's own
+`preprocess`, so every network sees its backbone's mean and std.
 
 Images arrive packed as uint8 (N, H, W, 3) at the target size (see `prepare`), so no transform
 decodes or resizes a full image; augmentation works on those small arrays.
@@ -10,8 +11,6 @@ import albumentations as A
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-
-from sstl.models import MEAN, STD
 
 
 class AugmentConfig(BaseModel):
@@ -26,6 +25,9 @@ class AugmentConfig(BaseModel):
     color: float = Field(0.4, ge=0.0, le=1.0, description="brightness/contrast/saturation jitter")
     blur_noise: float = Field(0.3, ge=0.0, le=1.0, description="probability of blur or noise")
     erase: float = Field(0.5, ge=0.0, le=1.0, description="probability of erasing a random patch")
+    head_phase: bool = Field(
+        True, description="augment phase 1 too; false trains the head on cached backbone features (far faster)"
+    )
 
 
 def strong_augment(cfg: AugmentConfig, size: int, seed: int) -> A.Compose:
@@ -65,11 +67,3 @@ def augment_batch(images: torch.Tensor, transform: A.Compose) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> uint8 (N, H, W, 3), each image through `transform`."""
     out = [transform(image=img)["image"] for img in images.numpy()]
     return torch.from_numpy(np.stack(out))
-
-
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W), ImageNet mean/std."""
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
-    x = images.permute(0, 3, 1, 2).float().div_(255.0)
-    return (x - mean) / std

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,21 +19,27 @@ import torch
 from sstl import tracking
 from sstl.dataset import ImageSet, load_images
 from sstl.files import write_csv
+from sstl.inference import infer
 from sstl.metrics import classification_report
 from sstl.models import Classifier, ModelConfig, create_model, save_checkpoint
 from sstl.params import TeacherParams
-from sstl.precision import Precision
-from sstl.pseudolabel import SelectConfig, file_digest, infer, select_pool
+from sstl.pseudolabel import SelectConfig, file_digest, select_pool
+from sstl.runtime import CPU, Runtime, world
 from sstl.training import FitResult, TrainConfig, fit, seed_everything
-from sstl.transforms import normalize
 from sstl.tune import SpaceEntry, search
 
 
 def fit_summary(result: FitResult) -> dict[str, float]:
+    """What a checkpoint keeps of a fit: figures that the same params and seed reproduce (no timings)."""
     return {
         "best_val_loss": result.best_val_loss,
         "best_val_acc": result.best_val_acc,
         "epochs_run": len(result.history),
+    }
+
+
+def fit_speed(result: FitResult) -> dict[str, float]:
+    return {
         "train_seconds": round(result.seconds, 3),
         "train_images_per_second": round(result.images_per_second, 1),
     }
@@ -44,78 +51,111 @@ def build_model(cfg: ModelConfig, num_classes: int, seed: int) -> Classifier:
     return create_model(cfg, num_classes)
 
 
+@dataclass
+class Job:
+    """One network to train and where its results go: what teacher, student and finetune share."""
+
+    model: Classifier
+    model_cfg: ModelConfig
+    schedule: TrainConfig
+    checkpoint: Path
+    curve: Path
+    config: dict[str, Any] = field(default_factory=dict)
+    packing: dict[str, Any] = field(default_factory=dict)  # prepare's image_size and interpolation
+
+
 def train_and_save(
-    model: Classifier,
-    model_cfg: ModelConfig,
-    schedule: TrainConfig,
+    job: Job,
     train: ImageSet,
     val: ImageSet,
+    *,
     classes: list[str],
     seed: int,
-    checkpoint: Path,
-    curve: Path,
+    runtime: Runtime = CPU,
     augment: A.Compose | None = None,
-    config: dict[str, Any] | None = None,
-    precision: Precision = "fp32",
+    augment_head: bool = True,
+    feature_cache: Path | None = None,
 ) -> FitResult:
-    """Fit, then write the checkpoint (with its resolved config and precision) and the per-epoch curve; log both."""
+    """Fit, then (on rank 0) write the checkpoint, with its resolved config and runtime, and the per-epoch
+    curve; log both. Under torchrun every process trains; one writes."""
+    lead = world()[0] == 0
     result = fit(
-        model, train, val, schedule, len(classes), seed, augment, tracking.log_epoch, checkpoint.stem, precision
+        job.model,
+        train,
+        val,
+        job.schedule,
+        num_classes=len(classes),
+        seed=seed,
+        runtime=runtime,
+        augment=augment,
+        augment_head=augment_head,
+        on_epoch=tracking.log_epoch if lead else None,
+        desc=job.checkpoint.stem,
+        feature_cache=feature_cache,
     )
-    image_size = int(train.images.shape[1])
+    if not lead:
+        return result
     save_checkpoint(
-        checkpoint,
-        model,
-        model_cfg,
+        job.checkpoint,
+        job.model,
+        job.model_cfg,
         classes,
-        image_size,
-        config=(config or {}) | {"precision": precision},
+        int(train.images.shape[1]),
+        config=job.config | {"precision": runtime.precision, "device": str(runtime.device)},
         fit=fit_summary(result),
+        interpolation=job.packing.get("interpolation", job.model.data.interpolation),
     )
-    write_csv(curve, result.history)
-    tracking.log_metrics(fit_summary(result))
-    tracking.log_artifacts(curve)
-    tracking.log_model(model, normalize(val.images[:2]).numpy())
+    write_csv(job.curve, [{k: v for k, v in row.items() if k != "seconds"} for row in result.history])
+    tracking.log_metrics(fit_summary(result) | fit_speed(result))
+    tracking.log_artifacts(job.curve)
+    job.model.cpu()
+    tracking.log_model(job.model, job.model.preprocess(val.images[:2]).numpy())
     return result
 
 
 def tune_teacher(
     teacher: TeacherParams,
     space: dict[str, SpaceEntry],
-    train: ImageSet,
+    labeled: ImageSet,
     val: ImageSet,
+    *,
     num_classes: int,
-    n_random: int,
-    n_guided: int,
+    trials: tuple[int, int],
     seed: int,
-    precision: Precision = "fp32",
+    runtime: Runtime = CPU,
+    frozen_backbone: bool = False,
+    feature_cache: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Search `space` around `teacher`; each trial trains a teacher and is logged as a nested run."""
+    """Search `space` around `teacher` with (n_random, n_guided) `trials`; each trains a teacher and is
+    logged as a nested run. `frozen_backbone`: trials train the head only (phase 1, on cached features)."""
 
     def objective(trial: int, overrides: dict[str, Any]) -> dict[str, float]:
         cfg = TeacherParams.model_validate({**teacher.model_dump(), **overrides})
+        schedule = cfg.schedule()
+        if frozen_backbone:
+            schedule = schedule.model_copy(update={"epochs": 0, "head_epochs": max(schedule.head_epochs, 1)})
         with tracking.trial_run(trial, overrides):
             model = build_model(cfg.model(), num_classes, seed)
             result = fit(
                 model,
-                train,
+                labeled,
                 val,
-                cfg.schedule(),
-                num_classes,
-                seed,
-                None,
-                tracking.log_epoch,
-                f"trial {trial}",
-                precision,
+                schedule,
+                num_classes=num_classes,
+                seed=seed,
+                runtime=runtime,
+                on_epoch=tracking.log_epoch,
+                desc=f"trial {trial}",
+                feature_cache=feature_cache,
             )
             figures = {"val_loss": result.best_val_loss, "val_acc": result.best_val_acc}
             tracking.log_metrics(figures)
         return figures
 
-    trials = search(space, objective, n_random, n_guided, seed)
-    for t in trials:
+    found = search(space, objective, trials[0], trials[1], seed)
+    for t in found:
         tracking.log_metrics({"trial_val_loss": t["val_loss"], "best_so_far": t["best_so_far"]}, step=t["trial"])
-    return trials
+    return found
 
 
 def pseudolabel(
@@ -125,7 +165,7 @@ def pseudolabel(
     classes: list[str],
     state_dir: Path | None = None,
     on_shard: Callable[[int], None] | None = None,
-    precision: Precision = "fp32",
+    runtime: Runtime = CPU,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
     """Stream the teacher over the prepared unlabelled pool and select; (selected rows, per-class counts).
 
@@ -134,7 +174,9 @@ def pseudolabel(
     """
     images = load_images(prepared, "unlabeled")
     manifest = Path(prepared) / "manifest.csv"
-    selection = select_pool(model, images, cfg, len(classes), state_dir, file_digest(manifest), on_shard, precision)
+    selection = select_pool(
+        model, images, cfg, len(classes), state_dir, file_digest(manifest), on_shard, runtime=runtime
+    )
     if selection is None:
         return None
     index, label, score = selection
@@ -168,7 +210,7 @@ def pseudo_set(pool: ImageSet, rows: list[dict[str, str]]) -> ImageSet:
 
 
 def evaluate_model(
-    model: Classifier, data: ImageSet, num_classes: int, bins: int, precision: Precision = "fp32"
+    model: Classifier, data: ImageSet, *, num_classes: int, bins: int, runtime: Runtime = CPU
 ) -> dict[str, Any]:
-    logits = infer(model, data.images, desc="evaluate", precision=precision)
+    logits = infer(model, data.images, runtime=runtime, desc="evaluate")
     return classification_report(logits, data.labels, num_classes, bins)

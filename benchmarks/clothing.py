@@ -1,0 +1,258 @@
+"""Clothing benchmark (real photos, 10 imbalanced classes): the photo profile, 20 labels per class.
+
+    python benchmarks/clothing.py                 # pipeline + upper bound, ~25 min on 2 CPU cores
+    python benchmarks/clothing.py --skip-upper    # the pipeline only
+
+Lays `../shared/datasets/clothing` out as an ordinary sstl folder (symlinks): 20 seeded labelled
+photos per class from train/, the rest of train/ as the unlabelled pool under neutral names (labels
+withheld), test/ as test, validation/ as test-add. Runs `dvc exp run --temp` with the photo profile
+(src/sstl/profiles/photos.yaml) plus benchmarks/clothing.yaml, then trains the upper bound: the
+teacher's backbone and recipe, supervised on all 3,068 train labels. Figures, wall time and peak
+memory per stage go to reports/benchmarks/clothing.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from cifar10 import hydra  # noqa: E402
+from stamp import stamp  # noqa: E402
+
+from sstl.files import write_json, write_text  # noqa: E402
+from sstl.params import PROFILES, REPLACED, parse_params  # noqa: E402
+from sstl.tracking import flatten  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "datasets" / "clothing" / "clothing.tar"
+CACHE = Path.home() / ".cache" / "sstl-data" / "clothing"
+OUT_JSON = ROOT / "reports/benchmarks/clothing.json"
+OUT_MD = ROOT / "reports/benchmarks/clothing.md"
+STAGES = ("prepare", "tune", "teacher", "pseudolabel", "student", "finetune", "evaluate")
+
+
+def unpack() -> None:
+    if (CACHE / "train").is_dir():
+        return
+    if not SHARED.is_file():
+        raise SystemExit(f"error: {SHARED} not found: the clothing archive is expected in ../shared/datasets/clothing")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(SHARED) as tar:
+        tar.extractall(CACHE, filter="data")
+
+
+def layout(out: Path, per_class: int, seed: int, *, all_labels: bool = False) -> dict[str, int]:
+    """The sstl folder: labeled/ (per_class seeded photos per class, or all of train/), unlabeled/, test/, test-add/."""
+    rng = random.Random(seed)
+    counts = {"labeled": 0, "unlabeled": 0, "test": 0, "test-add": 0}
+    if out.exists():
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+    for cls in sorted(p.name for p in (CACHE / "train").iterdir()):
+        photos = sorted((CACHE / "train" / cls).glob("*.jpg"))
+        rng.shuffle(photos)
+        chosen = photos if all_labels else photos[:per_class]
+        for src in chosen:
+            _link(src, out / "labeled" / cls / src.name)
+            counts["labeled"] += 1
+        for src in [] if all_labels else photos[per_class:]:
+            neutral = hashlib.sha256(src.name.encode()).hexdigest()[:16] + ".jpg"  # no class in the name
+            _link(src, out / "unlabeled" / neutral)
+            counts["unlabeled"] += 1
+        for split, target in (("test", "test"), ("validation", "test-add")):
+            for src in sorted((CACHE / split / cls).glob("*.jpg")):
+                _link(src, out / target / cls / src.name)
+                counts[target] += 1
+    return counts
+
+
+def _link(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.symlink_to(src)
+
+
+def profile_overrides(folder: Path, extra: Path) -> list[str]:
+    """The photo profile then benchmarks/clothing.yaml as `dvc exp run -S` overrides (tune.space replaced whole)."""
+    raw = yaml.safe_load((PROFILES / "photos.yaml").read_text())
+    for section, values in (yaml.safe_load(extra.read_text()) or {}).items():
+        raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
+    out: list[str] = []
+    for key in REPLACED:
+        section, name = key.split(".")
+        if name in raw.get(section, {}):
+            out += [f"~{key}", f"+{key}={hydra(raw[section].pop(name))}"]
+    return out + [f"{k}={hydra(v)}" for k, v in flatten(raw).items()] + [f"data.folder={folder}"]
+
+
+def collect(pipeline: str) -> dict:
+    import mlflow
+
+    runs = mlflow.search_runs(
+        experiment_names=["sstl"], filter_string=f"tags.`sstl.pipeline` = '{pipeline}'", output_format="list"
+    )
+    by_stage = {r.data.tags.get("sstl.stage"): r for r in runs if r.data.tags.get("sstl.kind") == "stage"}
+    stages = {
+        s: {
+            "seconds": round(r.data.metrics.get("stage_seconds", float("nan")), 1),
+            "peak_rss_mb": round(r.data.metrics.get("peak_rss_mb", 0)),
+            "device": r.data.params.get("device_name", "cpu"),
+        }
+        for s, r in by_stage.items()
+    }
+    ev = by_stage["evaluate"].data.metrics
+    models = {
+        m: {"test": ev.get(f"{m}.test.accuracy"), "test_add": ev.get(f"{m}.test-add.accuracy")}
+        for m in ("teacher", "student", "finetuned")
+    }
+    return {"stages": stages, "models": models}
+
+
+def upper_bound(folder: Path, extra: Path) -> dict:
+    """The teacher's backbone and recipe (profile defaults, no tuning) on all train labels, in-process."""
+    from sstl.dataset import load_classes, load_split
+    from sstl.prepare import prepare_folder
+    from sstl.training import fit
+    from sstl.workflow import build_model, evaluate_model
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    prof = yaml.safe_load((PROFILES / "photos.yaml").read_text())
+    for section, values in [*prof.items(), *(yaml.safe_load(extra.read_text()) or {}).items()]:
+        raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
+    raw["data"]["neardup"] = {"enabled": False}
+    p = parse_params(raw)
+    runtime = p.runtime("train")
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared"
+        prepare_folder(folder, prepared, p.image_size(), p.data.val_fraction, p.seed, interpolation=p.interpolation())
+        classes = load_classes(prepared)
+        labeled, val = load_split(prepared, "labeled"), load_split(prepared, "val")
+        model = build_model(p.teacher.model(), len(classes), p.seed)
+        fit(model, labeled, val, p.teacher.schedule(), num_classes=len(classes), seed=p.seed, runtime=runtime)
+        out = {
+            split: evaluate_model(
+                model, load_split(prepared, split), num_classes=len(classes), bins=15, runtime=p.runtime("infer")
+            )["accuracy"]
+            for split in ("test", "test-add")
+        }
+    return {
+        "arch": p.teacher.arch,
+        "n_train": len(labeled),
+        "n_val": len(val),
+        "test": out["test"],
+        "test_add": out["test-add"],
+        "seconds": round(time.perf_counter() - start, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
+
+
+def render(r: dict) -> str:
+    def f(v: object) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else "—"
+
+    m = r["models"]
+    lines = [
+        "# Clothing benchmark: real photos, 20 labels per class",
+        "",
+        "`python benchmarks/clothing.py` — photo profile (`src/sstl/profiles/photos.yaml`) + "
+        "`benchmarks/clothing.yaml`; "
+        f"{r['counts']['labeled']} labelled photos (val split off them), {r['counts']['unlabeled']} unlabelled, "
+        f"test {r['counts']['test']}, test-add (the dataset's validation/) {r['counts']['test-add']}.",
+        f"Machine: {r['machine']}; date {r['date']}; commit {r['commit']}; device {r['device']}; "
+        f"torch {r['torch']}, timm {r['timm']}.",
+        "",
+        "| model | test acc | test-add acc |",
+        "|---|---|---|",
+    ]
+    names = {
+        "teacher": "teacher (Lite0, 20 labels/class)",
+        "student": "student (Lite2, + pseudo-labels)",
+        "finetuned": "fine-tuned student",
+    }
+    for k, name in names.items():
+        lines.append(f"| {name} | {f(m[k]['test'])} | {f(m[k]['test_add'])} |")
+    ub = r.get("upper_bound")
+    if ub:
+        lines.append(
+            f"| upper bound: {ub['arch']}, all {ub['n_train'] + ub['n_val']} train labels | "
+            f"{f(ub['test'])} | {f(ub['test_add'])} |"
+        )
+    lines += [
+        "",
+        f"Whole pipeline: {r['pipeline_seconds'] / 60:.1f} min wall.",
+        "",
+        "| stage | seconds | peak RSS MB |",
+        "|---|---|---|",
+    ]
+    for s in STAGES:
+        if s in r["stages"]:
+            lines.append(f"| {s} | {r['stages'][s]['seconds']} | {r['stages'][s]['peak_rss_mb']} |")
+    if ub:
+        lines.append(f"| upper bound (prepare + train + evaluate) | {ub['seconds']} | {ub['peak_rss_mb']} |")
+    notes = ROOT / "benchmarks/clothing-tried.md"
+    return "\n".join(lines) + "\n" + ("\n" + notes.read_text() if notes.is_file() else "")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="clothing benchmark (real photos)")
+    ap.add_argument("--labels-per-class", type=int, default=20)
+    ap.add_argument("--extra", type=Path, default=ROOT / "benchmarks/clothing.yaml", help="overrides on the profile")
+    ap.add_argument("--skip-upper", action="store_true", help="skip the all-labels upper bound")
+    ap.add_argument("--render", action="store_true", help="only re-render the markdown from the JSON")
+    args = ap.parse_args()
+    if args.render:
+        write_text(OUT_MD, render(json.loads(OUT_JSON.read_text())))
+        return
+    import timm
+    import torch
+
+    unpack()
+    folder = CACHE.parent / f"clothing-{args.labels_per_class}"
+    counts = layout(folder, args.labels_per_class, seed=0)
+    print(counts)
+    pipeline = f"clothing-{args.labels_per_class}-{uuid.uuid4().hex[:6]}"
+    uri = os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{ROOT / 'mlflow.db'}")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    env = os.environ | {
+        "SSTL_PIPELINE_ID": pipeline,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    sets = [a for o in profile_overrides(folder, args.extra) for a in ("-S", o)]
+    start = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "run", "--temp", "--name", pipeline, *sets], cwd=ROOT, env=env, check=True
+    )
+    record = {
+        **stamp(),
+        "counts": counts,
+        "pipeline_seconds": round(time.perf_counter() - start, 1),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        **collect(pipeline),
+    }
+    record["device"] = record["stages"].get("teacher", {}).get("device", "cpu")
+    if not args.skip_upper:
+        all_folder = CACHE.parent / "clothing-all"
+        layout(all_folder, 0, seed=0, all_labels=True)
+        record["upper_bound"] = upper_bound(all_folder, args.extra)
+    write_json(OUT_JSON, record)
+    write_text(OUT_MD, render(record))
+    print(OUT_MD.read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Training under torchrun: 2 CPU processes (gloo, DDP) learn what one process learns, and agree on the weights."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    sys.path.insert(0, sys.argv[2])
+    from test_training import TRAIN, VAL
+    from sstl.models import ModelConfig, create_model, model_digest
+    from sstl.runtime import CPU, distributed
+    from sstl.training import TrainConfig, fit
+
+    torch.set_num_threads(1)
+    schedule = TrainConfig(head_epochs=2, epochs=4, lr=3e-3, finetune_lr=1e-3, unfreeze_blocks=2, batch_size=8,
+                           patience=4, plateau_patience=2)
+    with distributed(CPU) as (rank, size):
+        torch.manual_seed(0)
+        model = create_model(ModelConfig(arch="convnet_s", head_layers=0), 2)
+        result = fit(model, TRAIN, VAL, schedule, num_classes=2, seed=0)
+        row = {"rank": rank, "size": size, "val_loss": result.best_val_loss, "val_acc": result.best_val_acc,
+               "epochs": len(result.history), "digest": model_digest(model)}
+        with open(f"{sys.argv[1]}.{rank}", "w") as f:
+            json.dump(row, f)
+    """
+)
+
+
+def run(tmp_path: Path, nproc: int) -> list[dict]:
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    out = tmp_path / f"out{nproc}"
+    tests = str(Path(__file__).parent)
+    cmd = [sys.executable, str(script), str(out), tests]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd[1:]]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(Path(f"{out}.{r}").read_text()) for r in range(nproc)]
+
+
+def test_two_processes_learn_the_same_as_one(tmp_path: Path) -> None:
+    (one,) = run(tmp_path, 1)
+    two = run(tmp_path, 2)
+    assert [r["size"] for r in two] == [2, 2] and one["size"] == 1
+    assert two[0]["digest"] == two[1]["digest"], "every process ends with the same weights (and BN statistics)"
+    assert two[0]["epochs"] == two[1]["epochs"], "early stopping decided alike on every process"
+    assert one["val_acc"] >= 0.9 and two[0]["val_acc"] >= 0.9, (one, two[0])
+    # the same problem, the same global batch, gradients averaged: the same quality within noise
+    assert abs(one["val_loss"] - two[0]["val_loss"]) <= 0.15, (one, two[0])
+    assert one["digest"] != two[0]["digest"], "two processes really ran: each batch was split between them"
