@@ -62,6 +62,7 @@ def layout(out: Path, per_class: int, seed: int, *, all_labels: bool = False) ->
     counts = {"labeled": 0, "unlabeled": 0, "test": 0, "test-add": 0}
     if out.exists():
         subprocess.run(["rm", "-rf", str(out)], check=True)
+    (out / "unlabeled").mkdir(parents=True)  # empty for the all-labels upper bound
     for cls in sorted(p.name for p in (CACHE / "train").iterdir()):
         photos = sorted((CACHE / "train" / cls).glob("*.jpg"))
         rng.shuffle(photos)
@@ -245,6 +246,8 @@ def main() -> None:
         **collect(pipeline),
     }
     record["device"] = record["stages"].get("teacher", {}).get("device", "cpu")
+    write_json(OUT_JSON, record)  # the pipeline's figures are kept even if the upper bound fails
+    write_text(OUT_MD, render(record))
     if not args.skip_upper:
         all_folder = CACHE.parent / "clothing-all"
         layout(all_folder, 0, seed=0, all_labels=True)

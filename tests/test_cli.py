@@ -144,3 +144,46 @@ def test_ui_serves_the_mlflow_store(tmp_path: Path) -> None:
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
+
+
+def test_profile_merges_into_params_and_refuses_bad_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    before = (tmp_path / "params.yaml").read_text()
+    res = runner.invoke(app, ["profile", "fotos"])
+    assert res.exit_code == 1 and "unknown profile 'fotos': choose one of photos" in res.output
+    res = runner.invoke(app, ["profile", "photos", "--folder", str(tmp_path / "nope")])
+    assert res.exit_code == 1 and "folder" in res.output and "not found" in res.output
+    assert (tmp_path / "params.yaml").read_text() == before, "nothing written on bad input"
+    (tmp_path / "pics").mkdir()
+    res = runner.invoke(app, ["profile", "photos", "--folder", str(tmp_path / "pics")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["check"])
+    assert res.exit_code == 0, res.output
+    import yaml
+
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    assert params["data"]["folder"] == str(tmp_path / "pics")
+    assert (params["teacher"]["arch"], params["student"]["arch"]) == ("tf_efficientnet_lite0", "tf_efficientnet_lite2")
+
+
+def test_predict_reads_with_the_checkpoints_own_preprocessing(tmp_path: Path, images: Path) -> None:
+    """A lite model normalises with 0.5/0.5 and packs bicubic: predict must give what the model gives
+    on the same pixels prepared that way, not on ImageNet-normalised ones."""
+    import torch
+
+    from sstl.images import decode
+
+    cfg = ModelConfig(arch="tf_efficientnet_lite0", head_layers=0)
+    torch.manual_seed(0)
+    model = create_model(cfg, len(CLASSES)).eval()
+    path = tmp_path / "lite.pt"
+    save_checkpoint(path, model, cfg, CLASSES, image_size=32, interpolation="bilinear")
+    res = runner.invoke(app, ["predict", str(images / "a.png"), "--model", str(path), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    got = {p["class"]: p["probability"] for p in json.loads(res.stdout)[0]["predictions"]}
+    pixels = torch.from_numpy(decode((images / "a.png").read_bytes(), 32, "bilinear").copy())[None]
+    with torch.no_grad():
+        probs = model(model.preprocess(pixels)).softmax(1)[0]
+    want = {c: round(float(p), 4) for c, p in zip(CLASSES, probs, strict=True)}
+    assert got == {c: want[c] for c in got}

@@ -13,18 +13,15 @@ SCRIPT = textwrap.dedent(
     import json, sys
     import torch
     sys.path.insert(0, sys.argv[2])
-    from test_training import TRAIN, VAL
-    from sstl.models import ModelConfig, create_model, model_digest
+    from test_training import SCHEDULE, TRAIN, VAL, new_model
+    from sstl.models import model_digest
     from sstl.runtime import CPU, distributed
-    from sstl.training import TrainConfig, fit
+    from sstl.training import fit
 
     torch.set_num_threads(1)
-    schedule = TrainConfig(head_epochs=2, epochs=4, lr=3e-3, finetune_lr=1e-3, unfreeze_blocks=2, batch_size=8,
-                           patience=4, plateau_patience=2)
     with distributed(CPU) as (rank, size):
-        torch.manual_seed(0)
-        model = create_model(ModelConfig(arch="convnet_s", head_layers=0), 2)
-        result = fit(model, TRAIN, VAL, schedule, num_classes=2, seed=0)
+        model = new_model()  # resnet18, seeded: the same start on every process
+        result = fit(model, TRAIN, VAL, SCHEDULE, num_classes=2, seed=0)
         row = {"rank": rank, "size": size, "val_loss": result.best_val_loss, "val_acc": result.best_val_acc,
                "epochs": len(result.history), "digest": model_digest(model)}
         with open(f"{sys.argv[1]}.{rank}", "w") as f:
