@@ -293,3 +293,17 @@ def test_unknown_timm_name_suggests_close_matches() -> None:
 def test_timm_prefix_selects_timm_over_torchvision() -> None:
     tv, tm = create_model(cfg("resnet18"), 2), create_model(cfg("timm/resnet18"), 2)
     assert "backbone.0.0.weight" in tv.state_dict() and "backbone.conv1.weight" in tm.state_dict()
+
+
+def test_freeze_bn_keeps_every_batchnorm_in_eval_mode() -> None:
+    from sstl.models import train_mode
+
+    model = create_model(cfg("tf_efficientnet_lite0"), 3)
+    bns = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    train_mode(model, 2)
+    top = [m for m in model.blocks[-1].modules() if isinstance(m, nn.BatchNorm2d)]
+    assert top and all(m.training for m in top), "unfrozen blocks normally update their statistics"
+    assert not model.blocks[0][1].training, "frozen blocks never do"
+    train_mode(model, 2, freeze_bn=True)
+    assert not any(m.training for m in bns)
+    assert model.head.training and model.blocks[-1][0].training

@@ -331,13 +331,18 @@ def set_trainable(model: Classifier, unfreeze_blocks: int) -> None:
     model.head.requires_grad_(True)
 
 
-def train_mode(model: Classifier, unfreeze_blocks: int) -> None:
-    """model.train(), but frozen blocks stay in eval mode so their BatchNorm statistics hold still."""
+def train_mode(model: Classifier, unfreeze_blocks: int, *, freeze_bn: bool = False) -> None:
+    """model.train(), but frozen blocks stay in eval mode so their BatchNorm statistics hold still;
+    with `freeze_bn` every BatchNorm does (a small batch of augmented photos estimates them badly)."""
     model.train()
     n = len(model.blocks)
     for i, block in enumerate(model.blocks):
         if i < n - unfreeze_blocks:
             block.eval()
+    if freeze_bn:
+        for m in model.backbone.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
 
 
 def save_checkpoint(

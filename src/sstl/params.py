@@ -104,6 +104,7 @@ class FinetuneParams(Strict):
     patience: int = Field(3, ge=1)
     plateau_patience: int = Field(1, ge=0)
     unfreeze_blocks: int = Field(1000, ge=0, description="top backbone blocks trained (1000: all)")
+    freeze_bn: bool = Field(False, description="BatchNorm keeps the student's statistics")
 
     def schedule(self) -> TrainConfig:
         return TrainConfig(
@@ -112,6 +113,7 @@ class FinetuneParams(Strict):
             lr=self.lr,
             finetune_lr=self.lr,
             unfreeze_blocks=self.unfreeze_blocks,
+            freeze_bn=self.freeze_bn,
             batch_size=self.batch_size,
             patience=self.patience,
             plateau_patience=self.plateau_patience,

@@ -49,6 +49,9 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0.0)
     patience: int = Field(4, ge=1, description="early stopping: epochs without val-loss improvement")
     plateau_patience: int = Field(2, ge=0, description="epochs without improvement before LR x0.1")
+    freeze_bn: bool = Field(
+        False, description="BatchNorm keeps its pretrained statistics in phase 2 (few photos, strong augmentation)"
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -228,7 +231,7 @@ def fit(
         for _ in range(epochs):
             t0 = time.perf_counter()
             row = {"phase": phase, "lr": step.optimizer.param_groups[0]["lr"]}
-            train_mode(model, unfrozen)
+            train_mode(model, unfrozen, freeze_bn=cfg.freeze_bn)
             row |= train_epoch(trained, train_in, train.labels, step, batch_size=cfg.batch_size, generator=generator)
             _sync_buffers(model)
             row |= evaluate_loss(net, val_in, val.labels, runtime=runtime)
