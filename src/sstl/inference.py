@@ -29,7 +29,7 @@ def batch_outputs(
     """Images [start, stop) of uint8 (N, H, W, 3) (a memory-mapped array is read a batch at a time)
     -> (fp32 CPU outputs (b, C) logits or (b, D) features, index (b,)), in order."""
     stop = len(images) if stop is None else stop
-    model.eval()  # left in eval mode: callers that train set their own mode each epoch
+    model.to(runtime.device).eval()  # left in eval mode: callers that train set their own mode each epoch
     for a in range(start, stop, batch_size):
         b = min(a + batch_size, stop)
         batch = images[a:b] if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images[a:b]))

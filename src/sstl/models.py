@@ -131,7 +131,7 @@ class Classifier(nn.Module):
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, H, W, 3), on any device -> float32 (N, 3, H, W) normalised on the model's device."""
-        x = images.to(self.mean.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+        x = images.to(self.mean.device, non_blocking=self.mean.is_cuda).permute(0, 3, 1, 2).float().div_(255.0)
         return (x - self.mean) / self.std
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -273,7 +273,13 @@ def _load_sstl_backbone(model: Classifier, payload: dict[str, Any], cfg: ModelCo
         )
     prefix = "backbone."
     state = {k.removeprefix(prefix): v for k, v in payload["state_dict"].items() if k.startswith(prefix)}
-    model.backbone.load_state_dict(state)
+    try:
+        model.backbone.load_state_dict(state)
+    except RuntimeError:
+        raise SstlError(
+            f"weights {cfg.weights} do not fit {cfg.arch} (a checkpoint from an older sstl?): re-run the stage "
+            "that wrote it"
+        ) from None
 
 
 def _load_backbone(net: nn.Module, arch: str, weights: str, state: dict[str, torch.Tensor]) -> None:
@@ -368,7 +374,12 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[Cla
     payload = _torch_load(Path(path))
     cfg = ModelConfig.model_validate({**payload["model"], "weights": "none"})
     model = create_model(cfg, len(payload["classes"]))
-    model.load_state_dict(payload["state_dict"])
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError:
+        raise SstlError(
+            f"model {path} does not fit its own config (written by an older sstl?): re-run its stage"
+        ) from None
     if "data" in payload:  # preprocessing as trained, whatever the arch's defaults are today
         model.data = DataConfig.model_validate(payload["data"])
         model.mean.copy_(torch.tensor(model.data.mean).view(1, 3, 1, 1))

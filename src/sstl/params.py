@@ -105,6 +105,7 @@ class FinetuneParams(Strict):
     plateau_patience: int = Field(1, ge=0)
     unfreeze_blocks: int = Field(1000, ge=0, description="top backbone blocks trained (1000: all)")
     freeze_bn: bool = Field(False, description="BatchNorm keeps the student's statistics")
+    monitor: Literal["val_loss", "val_acc"] = Field("val_loss", description="what early stopping follows")
 
     def schedule(self) -> TrainConfig:
         return TrainConfig(
@@ -114,6 +115,7 @@ class FinetuneParams(Strict):
             finetune_lr=self.lr,
             unfreeze_blocks=self.unfreeze_blocks,
             freeze_bn=self.freeze_bn,
+            monitor=self.monitor,
             batch_size=self.batch_size,
             patience=self.patience,
             plateau_patience=self.plateau_patience,

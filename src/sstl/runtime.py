@@ -48,9 +48,9 @@ def resolve_device(spec: str) -> torch.device:
     """`auto` -> cuda if present, else mps, else cpu; an explicit device must exist here."""
     spec = spec.strip().lower()
     if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+        spec = "cuda"
     try:
         device = torch.device(spec)
     except RuntimeError:
@@ -60,8 +60,11 @@ def resolve_device(spec: str) -> torch.device:
         if count == 0:
             raise SstlError(f"device {spec!r}: no CUDA GPU is visible here: set device to auto or cpu")
         index = 0 if device.index is None else device.index
+        if device.index is None and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
+            index = int(os.environ["LOCAL_RANK"])
         if index >= count:
             raise SstlError(f"device {spec!r}: only {count} CUDA GPU(s) here (cuda:0..cuda:{count - 1})")
+        torch.cuda.set_device(index)
         return torch.device("cuda", index)
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise SstlError(f"device {spec!r}: MPS (Apple GPU) is not available here: set device to auto or cpu")

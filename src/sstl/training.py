@@ -16,9 +16,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import albumentations as A
 import numpy as np
+import timm
 import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
@@ -51,6 +53,11 @@ class TrainConfig(BaseModel):
     plateau_patience: int = Field(2, ge=0, description="epochs without improvement before LR x0.1")
     freeze_bn: bool = Field(
         False, description="BatchNorm keeps its pretrained statistics in phase 2 (few photos, strong augmentation)"
+    )
+    monitor: Literal["val_loss", "val_acc"] = Field(
+        "val_loss",
+        description="what early stopping, LR drops and the kept weights follow; val_acc (ties: lower loss) "
+        "suits pseudo-labelled training, whose val loss rises with confidence while accuracy still improves",
     )
 
 
@@ -109,13 +116,15 @@ def train_epoch(
     total, correct, loss_sum = 0, 0, 0.0
     order = torch.randperm(len(labels), generator=generator)  # the same on every process: same seed
     for b, idx in enumerate(order.split(batch_size)):
+        if len(idx) < 2 * size:  # a last batch too small for BatchNorm (2 rows) on every process: all skip it
+            continue
         idx = idx[rank::size]
         y = step.runtime.put(labels[idx])
         step.optimizer.zero_grad(set_to_none=True)
         with step.runtime.autocast():  # forward only: backward follows the dtypes autocast recorded
             logits = net(inputs(idx)).float()  # (B, C) fp32, so the loss and its gradient start in fp32
         loss = step.loss_fn(logits, y)
-        if not torch.isfinite(loss):
+        if not _all_finite(loss):
             lr = step.optimizer.param_groups[0]["lr"]
             raise SstlError(f"training diverged: loss {loss.item()} at batch {b + 1} (lr {lr:g}): lower the lr")
         step.scaler.scale(loss).backward()
@@ -154,8 +163,12 @@ def features(
     """
     path = None
     if cache_dir is not None:
+        # weights alone do not name the function: two archs can share a state dict's bytes (e.g. timm's
+        # efficientnet_lite0 and tf_efficientnet_lite0 differ in padding), so the code and versions count too
         h = hashlib.sha256(model_digest(model.backbone).encode())
-        h.update(f"{tuple(images.shape)}:{runtime.precision}:{runtime.device.type}".encode())
+        h.update(repr(model.backbone).encode() + model.data.model_dump_json().encode())
+        device = runtime.describe()["device_name"]
+        h.update(f"{tuple(images.shape)}:{runtime.precision}:{device}:{torch.__version__}:{timm.__version__}".encode())
         h.update(images.contiguous().numpy().tobytes())
         path = Path(cache_dir) / f"{h.hexdigest()[:32]}.pt"
         if path.is_file():
@@ -227,7 +240,8 @@ def fit(
         plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(step.optimizer, factor=0.1, patience=cfg.plateau_patience)
         trained = _data_parallel(net, runtime)
         best_state, stale = copy.deepcopy(model.state_dict()), 0
-        phase_best = evaluate_loss(net, val_in, val.labels, runtime=runtime)["val_loss"] if phase > 1 else float("inf")
+        start_row = evaluate_loss(net, val_in, val.labels, runtime=runtime) if phase > 1 else None
+        phase_best = _score(start_row, cfg.monitor) if start_row else (float("inf"), float("inf"))
         for _ in range(epochs):
             t0 = time.perf_counter()
             row = {"phase": phase, "lr": step.optimizer.param_groups[0]["lr"]}
@@ -241,9 +255,10 @@ def fit(
             if on_epoch is not None:
                 on_epoch(row)
             bar.update(1)
-            plateau.step(row["val_loss"])
-            if row["val_loss"] < phase_best:
-                phase_best, stale = row["val_loss"], 0
+            score = _agreed(_score(row, cfg.monitor))  # every process takes rank 0's decisions
+            plateau.step(score[0])
+            if score < phase_best:
+                phase_best, stale = score, 0
                 best_state = copy.deepcopy(model.state_dict())
             else:
                 stale += 1
@@ -282,11 +297,36 @@ def _data_parallel(net: nn.Module, runtime: Runtime) -> nn.Module:
 
 
 def _sync_buffers(model: nn.Module) -> None:
-    """Average BatchNorm statistics across processes so every process validates (and saves) one model."""
+    """Average the statistics of BatchNorm layers that trained this epoch across processes, so every
+    process validates (and saves) one model; frozen statistics are left bit for bit as they are."""
     rank, size = world()
     if size == 1:
         return
-    for buf in model.buffers():
-        if buf.is_floating_point():
-            dist.all_reduce(buf)
-            buf.div_(size)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            for buf in (m.running_mean, m.running_var):
+                if buf is not None:
+                    dist.all_reduce(buf)
+                    buf.div_(size)
+
+
+def _all_finite(loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every process (one process's NaN stops them all, none hangs)."""
+    ok = torch.isfinite(loss.detach()).float().reshape(1)
+    if world()[1] > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def _score(row: dict[str, float], monitor: str) -> tuple[float, float]:
+    """Lower is better: (val loss, 0), or (-val accuracy, val loss) so that ties in accuracy go to the lower loss."""
+    return (row["val_loss"], 0.0) if monitor == "val_loss" else (-row["val_acc"], row["val_loss"])
+
+
+def _agreed(score: tuple[float, float]) -> tuple[float, float]:
+    """Rank 0's score on every process: early stopping and LR drops must not differ by a last bit."""
+    if world()[1] == 1:
+        return score
+    t = torch.tensor(score, dtype=torch.float64)
+    dist.broadcast(t, src=0)
+    return float(t[0]), float(t[1])
