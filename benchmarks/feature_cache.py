@@ -120,8 +120,10 @@ def render(r: dict) -> str:
         )
     lines += [
         "",
-        "Same head, same result: the val losses agree across the three ways (the features are the same",
-        "numbers whichever way they reach the head; tests/test_runtime.py checks it exactly).",
+        "Same head, same result: the val losses agree across the three ways. tests/test_runtime.py checks",
+        "it: the head on features equals the head on images to float rounding, and a cached run is bit",
+        "identical to an uncached one. Later trials with the cache pay only for the head; the first pays",
+        "for the features once, which the teacher stage then reads again.",
     ]
     return "\n".join(lines) + "\n"
 
