@@ -185,3 +185,11 @@ def test_feature_cache_is_invalidated_when_the_backbone_or_data_change(tmp_path:
         next(head_only.parameters()).add_(1.0)  # the head is not part of the key: features do not depend on it
     assert torch.equal(changed, features(model, TRAIN.images, cache_dir=tmp_path))
     assert len(list(tmp_path.glob("*.pt"))) == 3
+
+
+def test_inference_on_an_empty_split_has_the_right_width() -> None:
+    """A folder without test-add/ packs an empty split: evaluate must get (0, C) logits, not fail."""
+    model = scorer()
+    empty = torch.zeros((0, 16, 16, 3), dtype=torch.uint8)
+    assert infer(model, empty).shape == (0, 3)
+    assert infer(model, empty, features=True).shape == (0, 512)

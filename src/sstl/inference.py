@@ -30,7 +30,8 @@ def batch_outputs(
     -> (fp32 CPU outputs (b, C) logits or (b, D) features, index (b,)), in order."""
     stop = len(images) if stop is None else stop
     model.to(runtime.device).eval()  # left in eval mode: callers that train set their own mode each epoch
-    for a in range(start, stop, batch_size):
+    # an empty range still gives one (0, C) batch, so an empty split has outputs of the right width
+    for a in range(start, stop, batch_size) if stop > start else [start]:
         b = min(a + batch_size, stop)
         batch = images[a:b] if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images[a:b]))
         with torch.inference_mode(), runtime.autocast():
@@ -51,7 +52,4 @@ def infer(
     """uint8 (N, H, W, 3) -> fp32 logits (N, C), or pooled backbone features (N, D) with `features`."""
     n_batches = -(-len(images) // batch_size)
     outs = batch_outputs(model, images, runtime=runtime, batch_size=batch_size, features=features)
-    chunks = [out for out, _ in tqdm(outs, total=n_batches, desc=desc, unit="batch", disable=None)]
-    if not chunks:
-        return torch.empty(0, 0)
-    return torch.cat(chunks)
+    return torch.cat([out for out, _ in tqdm(outs, total=n_batches, desc=desc, unit="batch", disable=None)])
