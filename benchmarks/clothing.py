@@ -36,7 +36,7 @@ from cifar10 import hydra  # noqa: E402
 from stamp import stamp  # noqa: E402
 
 from sstl.files import write_json, write_text  # noqa: E402
-from sstl.params import PROFILES, REPLACED, parse_params  # noqa: E402
+from sstl.params import PROFILES, REPLACED, apply_profile, parse_params  # noqa: E402
 from sstl.tracking import flatten  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "datasets" / "clothing" / "clothing.tar"
@@ -86,11 +86,16 @@ def _link(src: Path, dst: Path) -> None:
     dst.symlink_to(src)
 
 
-def profile_overrides(folder: Path, extra: Path) -> list[str]:
-    """The photo profile then benchmarks/clothing.yaml as `dvc exp run -S` overrides (tune.space replaced whole)."""
-    raw = yaml.safe_load((PROFILES / "photos.yaml").read_text())
+def overlay(raw: dict, extra: Path) -> dict:
+    """`raw` with benchmarks/clothing.yaml's sections laid over it, key by key."""
     for section, values in (yaml.safe_load(extra.read_text()) or {}).items():
         raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
+    return raw
+
+
+def profile_overrides(folder: Path, extra: Path) -> list[str]:
+    """The photo profile then benchmarks/clothing.yaml as `dvc exp run -S` overrides (tune.space replaced whole)."""
+    raw = overlay(yaml.safe_load((PROFILES / "photos.yaml").read_text()), extra)
     out: list[str] = []
     for key in REPLACED:
         section, name = key.split(".")
@@ -129,10 +134,7 @@ def upper_bound(folder: Path, extra: Path) -> dict:
     from sstl.training import fit
     from sstl.workflow import build_model, evaluate_model
 
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    prof = yaml.safe_load((PROFILES / "photos.yaml").read_text())
-    for section, values in [*prof.items(), *(yaml.safe_load(extra.read_text()) or {}).items()]:
-        raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
+    raw = overlay(apply_profile(yaml.safe_load((ROOT / "params.yaml").read_text()), "photos"), extra)
     raw["data"]["neardup"] = {"enabled": False}
     p = parse_params(raw)
     runtime = p.runtime("train")
