@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import _checkout  # noqa: F401  (this checkout's src/ first: see stages/_checkout.py)
+
 from sstl.demo import write_demo
 from sstl.errors import stage_main
 from sstl.params import load_params

@@ -1,8 +1,11 @@
-"""Stage evaluate: teacher, student and fine-tuned student on test and test-add."""
+"""Stage evaluate: teacher, student and fine-tuned student on test and test-add, and on val for the
+health checks (collapse, a model below its predecessor) and the choice of the model to use."""
 
 from pathlib import Path
 
-from sstl import tracking
+import _checkout  # noqa: F401  (this checkout's src/ first: see stages/_checkout.py)
+
+from sstl import health, tracking
 from sstl.dataset import load_classes, load_split
 from sstl.errors import stage_main
 from sstl.files import write_csv, write_json, write_text
@@ -13,8 +16,8 @@ from sstl.workflow import evaluate_model
 
 PREPARED = Path("data/prepared")
 MODELS = {name: Path(f"models/{name}.pt") for name in ("teacher", "student", "finetuned")}
-SPLITS = ("test", "test-add")
-METRICS, PER_CLASS = Path("reports/metrics.json"), Path("reports/per_class.json")
+SPLITS = ("val", "test", "test-add")  # val: checks and choice only, never in the metrics
+METRICS, PER_CLASS, HEALTH = Path("reports/metrics.json"), Path("reports/per_class.json"), Path("reports/health.json")
 CONFUSION, SUMMARY = Path("reports/confusion"), Path("reports/summary.md")
 
 
@@ -24,15 +27,21 @@ def main() -> None:
     runtime = p.runtime("infer")
     classes = load_classes(PREPARED)
     data = {split: load_split(PREPARED, split) for split in SPLITS}
-    metrics: dict = {}
-    per_class: dict = {}
+    absent = [s for s, d in data.items() if len(d) == 0 and s != "val"]  # e.g. a folder without test-add/
+    metrics, per_class, val_acc, collapses = {}, {}, {}, {}
     with tracking.stage_run(
         "evaluate", p.mlflow.experiment, {**runtime.describe(), "evaluate": p.evaluate.model_dump()}
     ):
         for name, path in MODELS.items():
             model, _ = load_checkpoint(path, runtime.device)
             for split, d in data.items():
+                if len(d) == 0:
+                    continue
                 r = evaluate_model(model, d, num_classes=len(classes), bins=p.evaluate.ece_bins, runtime=runtime)
+                if split == "val":
+                    val_acc[name] = round(r["accuracy"], 4)
+                    collapses[name] = health.collapse(r["predictions"], d.labels, classes)
+                    continue
                 metrics.setdefault(name, {})[split] = {k: round(r[k], 4) for k in ("accuracy", "macro_f1", "ece")}
                 per_class.setdefault(name, {})[split] = dict(zip(classes, r["per_class_accuracy"], strict=True))
                 rows = [
@@ -40,11 +49,21 @@ def main() -> None:
                     for t, q in zip(d.labels.tolist(), r["predictions"], strict=True)
                 ]
                 write_csv(CONFUSION / f"{name}-{split}.csv", rows)
+        warnings = health.check_models(val_acc, collapses)
+        verdict = {
+            "val_accuracy": val_acc,
+            "use": health.recommend(val_acc),
+            "warnings": warnings,
+            "absent_splits": absent,
+        }
         write_json(METRICS, metrics)
         write_json(PER_CLASS, per_class)
-        write_text(SUMMARY, summary_markdown(metrics))
-        tracking.log_metrics(metrics)
-        tracking.log_artifacts(METRICS, PER_CLASS, SUMMARY, CONFUSION)
+        write_json(HEALTH, verdict)
+        write_text(SUMMARY, summary_markdown(metrics, verdict))
+        tracking.log_metrics(metrics | {"val_accuracy": val_acc})
+        tracking.set_tags({"sstl.use": verdict["use"], "sstl.warnings": "; ".join(warnings) or "none"})
+        tracking.log_artifacts(METRICS, PER_CLASS, HEALTH, SUMMARY, CONFUSION)
+    health.warn("evaluate", warnings)
     print(SUMMARY.read_text())
 
 

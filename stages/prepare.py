@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import _checkout  # noqa: F401  (this checkout's src/ first: see stages/_checkout.py)
+
 from sstl import tracking
 from sstl.errors import stage_main
 from sstl.files import write_json

@@ -10,6 +10,8 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
+import _checkout  # noqa: F401  (this checkout's src/ first: see stages/_checkout.py)
+
 from sstl import tracking
 from sstl.dataset import load_classes, load_images
 from sstl.errors import stage_main

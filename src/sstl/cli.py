@@ -56,14 +56,32 @@ def _dvc(*args: str, env: dict[str, str] | None = None) -> int:
     return subprocess.run([sys.executable, "-m", "dvc", *args], env=env or _env()).returncode
 
 
+def check_lock(lock: Path = Path("dvc.lock")) -> None:
+    """An empty or unreadable dvc.lock (DVC writes it in place: a run killed at that moment leaves it
+    so) stops here with the one command that restores it, not in DVC with a traceback."""
+    if not lock.exists():
+        return
+    try:
+        content = yaml.safe_load(lock.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        content = None
+    if isinstance(content, dict) and "stages" in content:
+        return
+    tracked = subprocess.run(["git", "ls-files", "--error-unmatch", str(lock)], capture_output=True).returncode == 0
+    fix = f"git checkout -- {lock}" if tracked else f"rm {lock} (the next run re-runs every stage)"
+    raise SstlError(f"{lock} is empty or unreadable (a run was killed while DVC wrote it): restore it with `{fix}`")
+
+
 def _check_params(overrides: Sequence[str] = ()) -> None:
     """Validate params.yaml with `key=value` overrides applied, before DVC writes anything."""
-    from sstl.params import load_params, parse_params
+    from sstl.params import load_params, parse_params, read_yaml
 
     if not overrides:
         load_params(PARAMS)
         return
-    raw: dict[str, Any] = yaml.safe_load(PARAMS.read_text()) if PARAMS.is_file() else {}
+    if not PARAMS.is_file():
+        raise SstlError(f"{PARAMS} not found: run sstl from the project root")
+    raw: dict[str, Any] = read_yaml(PARAMS) or {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -76,7 +94,10 @@ def _check_params(overrides: Sequence[str] = ()) -> None:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise SstlError(f"override {key}: {part} is not a section")
-        node[leaf] = yaml.safe_load(value)
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise SstlError(f"override {item!r}: {value!r} is not a YAML value (quote strings with spaces)") from None
     parse_params(raw, f"params.yaml with {' '.join(overrides)}")
 
 
@@ -93,6 +114,7 @@ def run(
 ) -> None:
     """Run the pipeline (`dvc repro`): only the stages whose inputs changed."""
     with user_errors():
+        check_lock()
         _check_params()
         env = _env() | {"SSTL_PIPELINE_ID": uuid.uuid4().hex[:12]}
         args = ["repro", *([stage] if stage else []), *(["--force"] if force else []), *(["--dry"] if dry else [])]
@@ -107,14 +129,14 @@ def profile(
 ) -> None:
     """Merge a params profile into params.yaml (e.g. `photos`: ImageNet EfficientNet-Lite teacher and student)."""
     from sstl.files import write_text
-    from sstl.params import apply_profile
+    from sstl.params import apply_profile, read_yaml
 
     with user_errors():
         if not PARAMS.is_file():
             raise SstlError(f"{PARAMS} not found: run sstl from the project root")
         if folder is not None and not folder.is_dir():
             raise SstlError(f"folder {folder} not found: pass the folder that holds labeled/ and unlabeled/")
-        raw = yaml.safe_load(PARAMS.read_text(encoding="utf-8")) or {}
+        raw = read_yaml(PARAMS) or {}
         merged = apply_profile(raw, name, None if folder is None else str(folder))
         write_text(PARAMS, yaml.safe_dump(merged, sort_keys=False))
         typer.echo(f"params.yaml: profile {name} applied; review it with `git diff params.yaml`, then `sstl run`")
@@ -130,6 +152,7 @@ def exp_run(
     """Run the pipeline as a DVC experiment with params overridden (`dvc exp run -S ...`)."""
     overrides = set_param or []
     with user_errors():
+        check_lock()
         _check_params(overrides)
         args = ["exp", "run", *[a for o in overrides for a in ("-S", o)], *(["--name", name] if name else [])]
         _exit(_dvc(*args, env=_env() | {"SSTL_PIPELINE_ID": uuid.uuid4().hex[:12]}))
@@ -207,7 +230,51 @@ def ui(
     uri = tracking_uri()
     typer.echo(f"MLflow UI for {uri} at http://{host}:{port} (Ctrl+C to stop)")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
-    _exit(subprocess.run(cmd).returncode)
+    _exit(serve(cmd))
+
+
+def serve(cmd: list[str]) -> int:
+    """Run a server in its own process group until it exits or this process is stopped (Ctrl+C,
+    SIGTERM): then the whole group goes, workers included, so nothing is left listening."""
+    import signal
+
+    proc = subprocess.Popen(cmd, start_new_session=True)
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if proc.poll() is None or _group_alive(proc.pid):
+            _kill_group(proc)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _kill_group(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """SIGTERM to the server's process group, SIGKILL what is left after `grace` seconds."""
+    import signal
+    import time
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not _group_alive(proc.pid):
+            break
+        os.killpg(proc.pid, sig)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and _group_alive(proc.pid):
+            proc.poll()  # reap the leader so the group can empty
+            time.sleep(0.1)
 
 
 @app.command()
@@ -217,10 +284,33 @@ def status() -> None:
     from sstl.report import summary_markdown
 
     with user_errors():
+        check_lock()
         code = _dvc("status")
         if METRICS.is_file():
             typer.echo("\nlatest metrics (reports/metrics.json):\n" + summary_markdown(read_json(METRICS)))
         _exit(code)
+
+
+@app.command()
+def deps(
+    check_only: Annotated[bool, typer.Option("--check", help="only report drift, exit 1 if any")] = False,
+) -> None:
+    """Derive each stage's code deps in dvc.yaml from what its script imports (run after adding a module)."""
+    from sstl.codedeps import drift, write_deps
+
+    with user_errors():
+        if not Path("dvc.yaml").is_file():
+            raise SstlError("dvc.yaml not found: run sstl from the project root")
+        found = drift(Path("dvc.yaml"))
+        for stage, (missing, extra) in found.items():
+            typer.echo(f"{stage}: missing {missing or '-'}; not imported {extra or '-'}")
+        if check_only:
+            _exit(1 if found else 0)
+            return
+        changed = write_deps(Path("dvc.yaml"))
+        typer.echo(
+            f"dvc.yaml: code deps rewritten for {', '.join(changed)}" if changed else "dvc.yaml: code deps up to date"
+        )
 
 
 @app.command()

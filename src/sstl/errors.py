@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
+
+import yaml
 
 T = TypeVar("T")
 
@@ -23,14 +27,34 @@ class ParamsError(SstlError):
 
 
 def stage_main(fn: Callable[[], T]) -> Callable[[], T]:
-    """Wrap a stage's main(): an SstlError prints `error: <message>` on stderr and exits non-zero."""
+    """Wrap a stage's main(): its outputs' folders are checked writable first (under DVC, which names
+    the stage in DVC_STAGE), and an SstlError, or a full or read-only disk, prints `error: <message>`
+    on stderr and exits non-zero."""
 
     @functools.wraps(fn)
     def wrapper() -> T:
+        from sstl.files import WRITE_ERRORS, check_writable, write_error
+
         try:
+            check_writable(*stage_outputs(os.environ.get("DVC_STAGE", "")))
             return fn()
         except SstlError as err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(err.exit_code) from None
+        except OSError as err:
+            if err.errno not in WRITE_ERRORS or not err.filename:
+                raise
+            print(f"error: {write_error(Path(err.filename), err.errno)}", file=sys.stderr)
+            raise SystemExit(1) from None
 
     return wrapper
+
+
+def stage_outputs(stage: str, dvc_yaml: Path = Path("dvc.yaml")) -> list[Path]:
+    """Files a DVC stage writes (`outs`, `metrics`, `plots` in dvc.yaml); folders as a file inside them."""
+    if not stage or not dvc_yaml.is_file():
+        return []
+    spec = (yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}).get("stages", {}).get(stage, {})
+    entries = [e for key in ("outs", "metrics", "plots") for e in spec.get(key, [])]
+    paths = [Path(next(iter(e)) if isinstance(e, dict) else str(e)) for e in entries]
+    return [p if p.suffix else p / "_" for p in paths if "${" not in str(p)]

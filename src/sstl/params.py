@@ -230,13 +230,42 @@ def load_params(path: Path | str = "params.yaml") -> Params:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path} not found: run from the project root (where dvc.yaml is)")
+    return parse_params(read_yaml(path), str(path))
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's content; a syntax error is one ParamsError naming the line at fault and its text."""
+    text = path.read_text(encoding="utf-8")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(text)
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ParamsError(f"{path}: not valid YAML{where}: fix the syntax") from None
-    return parse_params(raw, str(path))
+        raise ParamsError(f"{path}: not valid YAML{_where(err, text)}: fix the syntax") from None
+
+
+def _where(err: yaml.YAMLError, text: str) -> str:
+    """' at line N (`the line`): the problem'. A key missing its colon is noticed a line later: PyYAML's
+    context mark ("while scanning a simple key") points at the line the user wrote wrong."""
+    problem = getattr(err, "problem", None)
+    mark = getattr(err, "problem_mark", None)
+    if getattr(err, "context", None) == "while scanning a simple key" and getattr(err, "context_mark", None):
+        mark = err.context_mark  # type: ignore[attr-defined]
+    if mark is None:
+        return ""
+    lines = text.splitlines()
+    n = _keyless_line(lines, mark.line)
+    line = lines[n].strip() if n < len(lines) else ""
+    return f" at line {n + 1} (`{line}`)" + (f": {problem}" if problem else "")
+
+
+def _keyless_line(lines: list[str], n: int) -> int:
+    """`n`, or the line just above it at the same indent that has no `key:` (a missing colon makes
+    PyYAML read it as the start of a multi-line value and fail a line later)."""
+    if n == 0 or n >= len(lines):
+        return n
+    above, here = lines[n - 1], lines[n]
+    indent = len(here) - len(here.lstrip())
+    plain = above.strip() and not above.lstrip().startswith(("#", "- ")) and ":" not in above
+    return n - 1 if plain and len(above) - len(above.lstrip()) == indent else n
 
 
 PROFILES = Path(__file__).parent / "profiles"

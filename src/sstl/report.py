@@ -11,14 +11,20 @@ from sstl.errors import SstlError
 COLUMNS = ("accuracy", "macro_f1", "ece")
 
 
-def summary_markdown(metrics: dict[str, dict[str, dict[str, float]]]) -> str:
-    """{model: {split: {metric: value}}} -> a markdown table, one row per model."""
+def summary_markdown(metrics: dict[str, dict[str, dict[str, float]]], health: dict[str, Any] | None = None) -> str:
+    """{model: {split: {metric: value}}} -> a markdown table, one row per model; with evaluate's
+    `health` verdict: the model to use (chosen on val), its warnings and the splits left out."""
     splits = sorted({s for per_split in metrics.values() for s in per_split}, key=lambda s: (s != "test", s))
     head = ["model"] + [f"{s} {c}" for s in splits for c in COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for model, per_split in metrics.items():
         cells = [f"{per_split.get(s, {}).get(c, float('nan')):.4f}" for s in splits for c in COLUMNS]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    if health:
+        val = ", ".join(f"{m} {a:.4f}" for m, a in health.get("val_accuracy", {}).items())
+        lines += ["", f"**Use: {health['use']}** (highest val accuracy: {val}; test is never used to choose)."]
+        lines += [f"- left out: {s} (no images in this split)" for s in health.get("absent_splits", [])]
+        lines += [f"- **WARNING**: {w}" for w in health.get("warnings", [])]
     return "\n".join(lines) + "\n"
 
 

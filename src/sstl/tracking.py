@@ -1,50 +1,102 @@
-"""Everything MLflow, in one module: stage runs grouped per pipeline execution, metrics, models.
+"""Everything MLflow, in one module: stage runs grouped per pipeline execution, metrics, artifacts.
 
-Store: $MLFLOW_TRACKING_URI, else a SQLite file `mlflow.db` with artifacts under `mlartifacts/`
-in the working directory (the project root when run by DVC). `sstl ui` opens the same store.
+Store: $MLFLOW_TRACKING_URI, else the SQLite file `mlflow.db` with artifacts under `mlartifacts/`
+at the project root. DVC sets DVC_ROOT for every stage it runs, for queued and `--temp`
+experiments to the parent project rather than its temporary copy, so every experiment, parallel
+or not, logs into the project's one store (which `sstl ui` opens) and survives DVC's clean-up.
+The artifact location is stored relative (`mlartifacts`), so a copied or moved project keeps
+working; artifacts are written with the project root as working directory.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import resource
+import socket
+import sqlite3
 import time
-import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
 import torch
 from mlflow.tracking import MlflowClient
 
 from sstl.provenance import dvc_experiment, git_commit, pipeline_id
 from sstl.runtime import world
 
-DEFAULT_URI = "sqlite:///mlflow.db"
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # offline machines: nothing to send home
-ARTIFACTS_DIR = "mlartifacts"
+STORE, ARTIFACTS_DIR = "mlflow.db", "mlartifacts"
 
 logging.getLogger("mlflow").setLevel(logging.WARNING)
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
+def project_root() -> Path:
+    """The DVC project this process works for: DVC_ROOT under DVC, else the working directory."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def _project_store() -> str:
+    return f"sqlite:///{project_root() / STORE}"
+
+
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    return os.environ.get("MLFLOW_TRACKING_URI") or _project_store()
+
+
+def _default_store() -> bool:
+    # compared, not "is the variable unset": mlflow.set_tracking_uri exports the URI it is given
+    return tracking_uri() == _project_store()
+
+
+@contextmanager
+def _store_lock() -> Iterator[None]:
+    """One process at a time opens the store: MLflow creates its tables on first use, and parallel
+    experiments creating them at once fail (`table experiments already exists`)."""
+    lock = project_root() / ".sstl-state" / "mlflow.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextmanager
+def _at_root() -> Iterator[None]:
+    """Run with the project root as working directory: relative artifact locations resolve there."""
+    here = Path.cwd()
+    os.chdir(project_root())
+    try:
+        yield
+    finally:
+        os.chdir(here)
 
 
 def _experiment_id(name: str) -> str:
     """Make `name` the active experiment (created on first use), so nested runs land in it too."""
-    mlflow.set_tracking_uri(tracking_uri())
-    if mlflow.get_experiment_by_name(name) is None:
-        location = None
-        if tracking_uri().startswith("sqlite:"):
-            location = (Path.cwd() / ARTIFACTS_DIR).resolve().as_uri()
-        mlflow.create_experiment(name, artifact_location=location)
-    return mlflow.set_experiment(name).experiment_id
+    with _store_lock():
+        mlflow.set_tracking_uri(tracking_uri())
+        if mlflow.get_experiment_by_name(name) is None:
+            experiment_id = mlflow.create_experiment(name)
+            if _default_store():
+                _relative_artifacts(project_root() / STORE, experiment_id)
+        return mlflow.set_experiment(name).experiment_id
+
+
+def _relative_artifacts(db: Path, experiment_id: str) -> None:
+    """MLflow makes every artifact location absolute at creation; store ours as `mlartifacts`, relative
+    to the project root, so the store can be copied or moved with the project (no API sets it)."""
+    with sqlite3.connect(db) as con:
+        con.execute(
+            "UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?", (ARTIFACTS_DIR, int(experiment_id))
+        )
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -58,20 +110,50 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _process_tags() -> dict[str, str]:
+    """Who writes a run: a run left RUNNING by a process that no longer exists was killed."""
+    return {"sstl.host": socket.gethostname(), "sstl.pid": str(os.getpid())}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def close_killed_runs(client: MlflowClient, experiment_id: str) -> list[Any]:
+    """Mark as KILLED the runs left RUNNING by processes of this host that are gone (kill -9, power
+    loss); returns them. Runs of live processes (a parallel experiment) are left alone."""
+    host, killed = socket.gethostname(), []
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'"):
+        tags = run.data.tags
+        if tags.get("sstl.host") != host or _alive(int(tags.get("sstl.pid", "0") or 0)):
+            continue
+        client.set_terminated(run.info.run_id, status="KILLED")
+        killed.append(run)
+    return killed
+
+
 def _pipeline_run(client: MlflowClient, experiment_id: str, pid: str) -> str:
-    """The parent run of this pipeline execution: found by tag, or created (then closed) on first use."""
+    """The parent run of this pipeline execution: found by tag, or created (then closed) on first use.
+    Named after the DVC experiment (`dvc exp run`), else `workspace-<id>`."""
     query = f"tags.`sstl.pipeline` = '{pid}' and tags.`sstl.kind` = 'pipeline'"
     found = client.search_runs([experiment_id], filter_string=query, max_results=1)
     if found:
         return found[0].info.run_id
+    experiment = dvc_experiment()
     run = client.create_run(
         experiment_id,
-        run_name=f"pipeline-{pid}",
+        run_name=experiment if experiment != "workspace" else f"workspace-{pid}",
         tags={
             "sstl.pipeline": pid,
             "sstl.kind": "pipeline",
             "git_commit": git_commit(),
-            "dvc_experiment": dvc_experiment(),
+            "dvc_experiment": experiment,
         },
     )
     client.set_terminated(run.info.run_id)
@@ -82,13 +164,17 @@ def _pipeline_run(client: MlflowClient, experiment_id: str, pid: str) -> str:
 def stage_run(stage: str, experiment: str, params: Mapping[str, Any], rank: int = 0) -> Iterator[str]:
     """An MLflow run for one stage, child of its pipeline execution's run; yields the run id.
 
-    Under torchrun only rank 0 logs (`rank` > 0 yields "" and every log_* call below is a no-op there)."""
+    Runs of this stage left RUNNING by a killed process are closed as KILLED first, and the new run
+    names the last of them (`sstl.resumes`). Under torchrun only rank 0 logs (`rank` > 0 yields ""
+    and every log_* call below is a no-op there)."""
     if rank != 0:
         yield ""
         return
     experiment_id = _experiment_id(experiment)
+    client = MlflowClient()
+    killed = [r for r in close_killed_runs(client, experiment_id) if r.data.tags.get("sstl.stage") == stage]
     pid = pipeline_id()
-    parent = _pipeline_run(MlflowClient(), experiment_id, pid)
+    parent = _pipeline_run(client, experiment_id, pid)
     tags = {
         "mlflow.parentRunId": parent,
         "sstl.stage": stage,
@@ -96,7 +182,11 @@ def stage_run(stage: str, experiment: str, params: Mapping[str, Any], rank: int 
         "sstl.kind": "stage",
         "git_commit": git_commit(),
         "dvc_experiment": dvc_experiment(),
+        **_process_tags(),
+        **environment_tags(),
     }
+    if killed:
+        tags["sstl.resumes"] = max(killed, key=lambda r: r.info.start_time).info.run_id
     with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags) as run:
         mlflow.log_params(flatten(params))
         start = time.perf_counter()
@@ -109,10 +199,18 @@ def stage_run(stage: str, experiment: str, params: Mapping[str, Any], rank: int 
         mlflow.log_metrics(peaks)
 
 
+def environment_tags() -> dict[str, str]:
+    """The installed versions and the CPU, so that every figure names its environment."""
+    from sstl.environment import describe
+
+    return {f"env.{k}": str(v) for k, v in describe().items()}
+
+
 @contextmanager
 def trial_run(trial: int, params: Mapping[str, Any]) -> Iterator[str]:
     """A run nested under the active (tune) run."""
-    with mlflow.start_run(run_name=f"trial-{trial:02d}", nested=True, tags={"sstl.kind": "trial"}) as run:
+    tags = {"sstl.kind": "trial", **_process_tags()}
+    with mlflow.start_run(run_name=f"trial-{trial:02d}", nested=True, tags=tags) as run:
         mlflow.log_params(flatten(params))
         yield run.info.run_id
 
@@ -138,24 +236,18 @@ def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> None:
 
 
 def log_artifacts(*paths: Path | str) -> None:
+    """Copy reports into the active run's artifacts (checkpoints stay in DVC: stored once, not thrice)."""
     if not _lead():
         return
-    for path in map(Path, paths):
-        if path.is_dir():
-            mlflow.log_artifacts(str(path), artifact_path=path.name)
-        elif path.is_file():
-            mlflow.log_artifact(str(path))
+    sources = [Path(p).resolve() for p in paths]
+    with _at_root():
+        for path in sources:
+            if path.is_dir():
+                mlflow.log_artifacts(str(path), artifact_path=path.name)
+            elif path.is_file():
+                mlflow.log_artifact(str(path))
 
 
-def log_model(model: Any, example: np.ndarray, name: str = "model") -> None:
-    """The trained torch module as an MLflow model, exported as a traced graph (pt2) from `example`,
-    a float32 (N, 3, H, W) normalised batch that also gives the model its signature."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mlflow.pytorch.log_model(
-            model.eval(),
-            name=name,
-            input_example=example,
-            serialization_format="pt2",
-            pip_requirements=["torch", "torchvision"],
-        )
+def set_tags(tags: Mapping[str, Any]) -> None:
+    if _lead():
+        mlflow.set_tags({k: str(v) for k, v in tags.items()})

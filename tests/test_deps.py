@@ -1,0 +1,71 @@
+"""Stage code deps are derived from imports: dvc.yaml lists exactly what each stage script runs."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import yaml
+from conftest import ROOT
+from typer.testing import CliRunner
+
+from sstl.cli import app
+from sstl.codedeps import code_deps, drift, write_deps
+
+
+def test_dvc_yaml_lists_exactly_the_code_each_stage_imports() -> None:
+    problems = drift(ROOT / "dvc.yaml")
+    assert not problems, f"dvc.yaml code deps drifted from the imports, run `sstl deps`: {problems}"
+
+
+def _package(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+def test_closure_follows_lazy_and_transitive_imports_and_skips_the_rest(tmp_path: Path) -> None:
+    _package(
+        tmp_path,
+        {
+            "stages/_helper.py": "import sys\n",
+            "stages/go.py": "import _helper\nfrom sstl.a import f\n",
+            "src/sstl/__init__.py": "",
+            "src/sstl/a.py": "def f():\n    from sstl import b\n    return b\n",
+            "src/sstl/b.py": "from sstl.c import X\n",
+            "src/sstl/c.py": "X = 1\n",
+            "src/sstl/unused.py": "import sstl.a\n",
+        },
+    )
+    assert code_deps(tmp_path / "stages/go.py", tmp_path) == [
+        "src/sstl/__init__.py",
+        "src/sstl/a.py",
+        "src/sstl/b.py",
+        "src/sstl/c.py",
+        "stages/_helper.py",
+        "stages/go.py",
+    ]
+
+
+def test_a_new_import_is_drift_and_sstl_deps_fixes_it_keeping_comments(tmp_path: Path, monkeypatch) -> None:
+    for item in ("stages", "src"):
+        shutil.copytree(ROOT / item, tmp_path / item, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    (tmp_path / "src/sstl/extra.py").write_text("Y = 2\n")
+    demo = tmp_path / "stages/demo.py"
+    demo.write_text(demo.read_text() + "\nfrom sstl.extra import Y  # noqa: E402\n")
+    assert drift(tmp_path / "dvc.yaml") == {"demo": (["src/sstl/extra.py"], [])}
+
+    monkeypatch.chdir(tmp_path)
+    assert CliRunner().invoke(app, ["deps", "--check"]).exit_code == 1
+    result = CliRunner().invoke(app, ["deps"])
+    assert result.exit_code == 0, result.output
+    assert "demo" in result.output
+    assert drift(tmp_path / "dvc.yaml") == {}
+    text = (tmp_path / "dvc.yaml").read_text()
+    assert "# data.image_size / interpolation: auto follow the backbones" in text  # comments kept
+    stages = yaml.safe_load(text)["stages"]
+    assert "src/sstl/extra.py" in stages["demo"]["deps"]
+    assert "src/sstl/extra.py" not in stages["evaluate"]["deps"]
+    assert write_deps(tmp_path / "dvc.yaml") == []  # idempotent

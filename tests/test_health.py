@@ -1,0 +1,45 @@
+"""Quiet failures made loud: collapse, pretext at chance, a model below its predecessor, choice on val."""
+
+from __future__ import annotations
+
+import torch
+
+from sstl.health import at_chance, check_models, collapse, recommend
+from sstl.report import summary_markdown
+
+CLASSES = ["cat", "dog", "owl", "fox"]
+
+
+def test_a_model_predicting_one_class_on_balanced_val_is_collapsed() -> None:
+    labels = torch.arange(4).repeat(10)  # 40 val images, 10 per class
+    assert "95% of val predictions are 'dog'" in collapse([1] * 38 + [0, 2], labels, CLASSES)
+    assert collapse(labels.tolist(), labels, CLASSES) is None  # a perfect model
+
+
+def test_one_class_is_no_collapse_when_val_is_mostly_that_class() -> None:
+    labels = torch.tensor([2] * 37 + [0, 1, 3])  # 92% owls: predicting owl is not a collapse
+    assert collapse([2] * 40, labels, CLASSES) is None
+
+
+def test_rotation_pretext_at_chance_is_reported_and_a_learned_one_is_not() -> None:
+    assert "at chance" in at_chance(0.27, 4)
+    assert at_chance(0.60, 4) is None
+
+
+def test_student_below_teacher_on_val_is_a_warning() -> None:
+    warnings = check_models({"teacher": 0.80, "student": 0.70, "finetuned": 0.75}, {"student": "collapsed: x"})
+    assert warnings == ["student: collapsed: x", "student below teacher on val: 0.7000 < 0.8000"]
+    assert check_models({"teacher": 0.7, "student": 0.8, "finetuned": 0.8}, {}) == []
+
+
+def test_the_model_to_use_is_chosen_on_val_later_model_on_ties() -> None:
+    assert recommend({"teacher": 0.9, "student": 0.8, "finetuned": 0.85}) == "teacher"
+    assert recommend({"teacher": 0.8, "student": 0.9, "finetuned": 0.9}) == "finetuned"
+
+
+def test_summary_names_the_model_to_use_warnings_and_absent_splits() -> None:
+    metrics = {"teacher": {"test": {"accuracy": 0.5, "macro_f1": 0.5, "ece": 0.1}}}
+    verdict = {"val_accuracy": {"teacher": 0.6}, "use": "teacher", "warnings": ["w1"], "absent_splits": ["test-add"]}
+    text = summary_markdown(metrics, verdict)
+    assert "test-add" not in text.splitlines()[0]  # no NaN column for a split that has no images
+    assert "**Use: teacher**" in text and "**WARNING**: w1" in text and "left out: test-add" in text
