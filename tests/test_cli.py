@@ -187,3 +187,49 @@ def test_predict_reads_with_the_checkpoints_own_preprocessing(tmp_path: Path, im
         probs = model(model.preprocess(pixels)).softmax(1)[0]
     want = {c: round(float(p), 4) for c, p in zip(CLASSES, probs, strict=True)}
     assert got == {c: want[c] for c in got}
+
+
+def test_predict_skips_an_unreadable_photo_with_one_line_and_goes_on(checkpoint: Path, images: Path) -> None:
+    import threading
+
+    (images / "broken.jpg").symlink_to(images / "deleted.jpg")
+    (images / "nested" / "garbage.png").write_bytes(b"not a png at all")
+    os.mkfifo(images / "pipe.png")
+    (images / ".DS_Store").write_bytes(b"litter")
+    (images / "__MACOSX").mkdir()
+    (images / "__MACOSX" / "._a.png").write_bytes(b"AppleDouble, not an image")
+    box: dict = {}  # the CliRunner result, from the worker thread
+    args = ["predict", str(images), "--model", str(checkpoint), "--format", "json"]
+    worker = threading.Thread(target=lambda: box.update(res=runner.invoke(app, args)), daemon=True)
+    worker.start()
+    worker.join(120)
+    if worker.is_alive():  # release a reader stuck on the FIFO, then fail
+        os.close(os.open(images / "pipe.png", os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("predict blocked on a FIFO")
+    res = box["res"]
+    assert res.exit_code == 0, res.output
+    assert [Path(r["path"]).name for r in json.loads(res.stdout)] == ["a.png", "b.jpg", "c.webp"]
+    lines = res.stderr.strip().splitlines()
+    skipped = {line.split(": ", 1)[0].removeprefix("skipped "): line.split(": ", 1)[1] for line in lines}
+    assert skipped == {
+        str(images / "broken.jpg"): "broken symbolic link (its target is missing)",
+        str(
+            images / "nested" / "garbage.png"
+        ): "not a readable image (UnidentifiedImageError: cannot identify image file)",
+        str(images / "pipe.png"): "not a regular file (a FIFO (named pipe))",
+    }
+    assert "0x" not in res.stderr and "object at" not in res.stderr
+
+
+def test_predict_error_names_the_file_without_object_addresses(checkpoint: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "holiday.jpg"
+    bad.write_bytes(b"plain text, not a jpeg")
+    res = runner.invoke(app, ["predict", str(bad), "--model", str(checkpoint)])
+    assert res.exit_code == 1
+    assert res.stderr.startswith(f"error: {bad}: not a readable image") and len(res.stderr.strip().splitlines()) == 1
+    assert "0x" not in res.stderr and "object at" not in res.stderr
+    other = tmp_path / "link.png"
+    other.symlink_to(tmp_path / "missing.png")
+    res = runner.invoke(app, ["predict", str(bad), str(other), "--model", str(checkpoint)])
+    assert res.exit_code == 1 and len(res.stderr.strip().splitlines()) == 1
+    assert res.stderr.startswith("error: none of the 2 images could be read, e.g. ")

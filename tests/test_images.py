@@ -1,14 +1,30 @@
-"""decode(): any user image (format, mode, EXIF orientation) -> uint8 RGB square, or UnreadableImage."""
+"""decode(): any user image (format, mode, EXIF orientation) -> uint8 RGB square, or UnreadableImage;
+read_file() and walk(): users' folders (broken links, FIFOs, sockets, hidden litter) read without hanging."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from sstl.images import UnreadableImage, decode
+from sstl.images import UnreadableImage, clean_message, decode, is_hidden, read_file, walk
+
+T = TypeVar("T")
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 
@@ -196,3 +212,170 @@ def test_unreadable_message_is_one_line() -> None:
         decode(b"\xff\xd8\xff\xe0garbage", 8)
     assert str(info.value)
     assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------- reading users' folders safely
+
+
+def finishes(fn: Callable[[], T], seconds: float = 20) -> T:
+    """fn() run in a thread that must end within `seconds`: a FIFO opened for reading would block."""
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["value"] = fn()
+        except BaseException as err:  # re-raised in the test's thread
+            result["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still blocked after {seconds} s (a FIFO opened for reading?)"
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def unblock(fifo: Path) -> None:
+    """Let a reader stuck in open(fifo) go, so a failing test does not leave it blocked."""
+    with contextlib.suppress(OSError):
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def unprivileged() -> list[str] | None:
+    """A command prefix under which chmod 000 really denies reading: [] for a normal user; for root
+    (who reads anything), setpriv without the capabilities that let root bypass permissions; None when
+    neither works here."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return None
+    prefix = [setpriv, "--bounding-set", "-dac_override,-dac_read_search"]
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = Path(tmp) / "probe"
+        probe.write_bytes(b"x")
+        probe.chmod(0)
+        res = subprocess.run([*prefix, "cat", str(probe)], capture_output=True)
+    return prefix if res.returncode != 0 else None
+
+
+PNG = encode(Image.new("RGB", (9, 7), RED), "PNG")
+
+
+def test_read_file_reads_regular_files_and_links_to_them(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(PNG)
+    (tmp_path / "link.png").symlink_to(tmp_path / "a.png")
+    assert read_file(tmp_path / "a.png") == PNG
+    assert read_file(tmp_path / "link.png") == PNG
+
+
+def test_read_file_refuses_a_fifo_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    try:
+        with pytest.raises(UnreadableImage, match="not a regular file .*FIFO"):
+            finishes(lambda: read_file(fifo))
+    finally:
+        unblock(fifo)
+
+
+def test_read_file_reasons(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "broken.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (tmp_path / "folder.png").mkdir()
+    monkeypatch.chdir(tmp_path)  # AF_UNIX paths are limited to ~100 characters: bind a short relative one
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind("sock.png")
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
+    for name, reason in (
+        ("broken.jpg", "broken symbolic link"),
+        ("gone.jpg", "vanished while scanning"),
+        ("folder.png", "not a regular file (a folder)"),
+        ("sock.png", "not a regular file"),
+        ("loop.png", "symbolic link loop"),
+    ):
+        with pytest.raises(UnreadableImage, match=re.escape(reason)) as info:
+            finishes(lambda name=name: read_file(tmp_path / name))
+        assert str(tmp_path) not in str(info.value), "the reason names no path: the report does"
+
+
+def test_read_file_permission_denied_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reason for EACCES (what a chmod 000 file gives a normal user; see the real one below)."""
+    path = tmp_path / "locked.png"
+    path.write_bytes(PNG)
+    real_open = os.open
+
+    def fake_open(file: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if Path(file) == path:
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    with pytest.raises(UnreadableImage, match="unreadable: permission denied"):
+        read_file(path)
+
+
+def test_read_file_permission_denied_for_real(tmp_path: Path) -> None:
+    prefix = unprivileged()
+    if prefix is None:
+        pytest.skip("running as root without setpriv: chmod 000 files stay readable, nothing to deny")
+    path = tmp_path / "locked.png"
+    path.write_bytes(PNG)
+    path.chmod(0)
+    code = "import sys\nfrom sstl.images import read_file\n"
+    code += "try:\n read_file(sys.argv[1])\nexcept Exception as e:\n print(e)"
+    res = subprocess.run([*prefix, sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
+    assert res.stdout.strip() == "unreadable: permission denied", res.stdout + res.stderr
+
+
+def test_walk_skips_hidden_follows_folder_links_and_reports_loops(tmp_path: Path) -> None:
+    root = tmp_path / "pool"
+    for rel in ("a.png", "sub/b.png", ".DS_Store", ".git/objects/x.png", "__MACOSX/._a.png", "sub/._b.png"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(PNG)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "c.png").write_bytes(PNG)
+    (root / "linked").symlink_to(tmp_path / "elsewhere")
+    (root / "sub" / "up").symlink_to(root)
+    (root / "broken.png").symlink_to(tmp_path / "missing.png")
+    found = {p.relative_to(root).as_posix(): problem for p, problem in finishes(lambda: list(walk(root)))}
+    assert found == {
+        "a.png": "",
+        "broken.png": "broken symbolic link (its target is missing)",
+        "linked/c.png": "",
+        "sub/b.png": "",
+        "sub/up": "symbolic link loop (a link to a folder that contains it)",
+    }
+
+
+def test_walk_reports_an_unreadable_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "ok").mkdir()
+    (tmp_path / "ok" / "a.png").write_bytes(PNG)
+    (tmp_path / "locked").mkdir()
+    real_listdir = os.listdir
+
+    def fake_listdir(path: Any) -> list[str]:
+        if Path(path).name == "locked":
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_listdir(path)
+
+    monkeypatch.setattr(os, "listdir", fake_listdir)
+    found = {p.name: problem for p, problem in walk(tmp_path)}
+    assert found == {"a.png": "", "locked": "folder unreadable: permission denied"}
+
+
+@pytest.mark.parametrize("name", [".DS_Store", ".git", ".ipynb_checkpoints", "._IMG_1.jpg", "__MACOSX"])
+def test_hidden_names(name: str) -> None:
+    assert is_hidden(name)
+    assert not is_hidden("IMG_1.jpg") and not is_hidden("cat") and not is_hidden("_MACOSX")
+
+
+def test_pil_messages_lose_object_addresses() -> None:
+    with pytest.raises(UnreadableImage) as info:
+        decode(b"hello, this is not an image\n", 8)
+    message = str(info.value)
+    assert "cannot identify image file" in message
+    assert "0x" not in message and "object at" not in message and "<" not in message
+    assert clean_message("cannot identify image file <_io.BytesIO object at 0x7f3a2b1c>\n  more") == (
+        "cannot identify image file more"
+    )

@@ -78,11 +78,12 @@ def test_photo_profile_trains_on_real_photos_with_imagenet_weights(
     photos = photo_folder(tmp_path / "my-photos")
     repo = tmp_path / "project"
     repo.mkdir()
-    for item in ("stages", "src", "dvc.yaml", ".dvcignore", "params.yaml"):
+    for item in ("stages", "src", "dvc.yaml", ".dvcignore", "params.yaml", "data/inventory.json"):
         src = ROOT / item
         if src.is_dir():
             shutil.copytree(src, repo / item, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         else:
+            (repo / item).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, repo / item)
     monkeypatch.chdir(repo)
     result = CliRunner().invoke(app, ["profile", "photos", "--folder", str(photos)])

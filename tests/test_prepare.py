@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import os
 import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from sstl.dataset import SPLITS, load_classes, load_split
 from sstl.errors import SstlError
 from sstl.files import read_csv, read_json
 from sstl.images import decode
-from sstl.prepare import prepare_folder, stratified_split
+from sstl.prepare import fingerprint, folder_inventory, prepare_folder, refresh_inventory, skip_report, stratified_split
+
+T = TypeVar("T")
 
 CLASSES = ("ant", "bee", "cat")
 SIZE = 8
@@ -329,3 +341,413 @@ def test_test_add_built_from_corrupted_test_images(folder: Path, tmp_path: Path)
     write(folder / "test-add" / some_test.parent.name / "x.png", png_bytes(np.random.default_rng(9)))
     with pytest.raises(SstlError, match="one or the other"):
         prepare_folder(folder, tmp_path / "p2", 16, 0.25, 0, corrupt_test=CorruptConfig())
+
+
+# ---------------------------------------------------------------- users' real folders: bad entries, litter
+
+
+def finishes(fn: Callable[[], T], seconds: float = 60) -> T:
+    """fn() run in a thread that must end within `seconds`: a FIFO opened for reading would block."""
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["value"] = fn()
+        except BaseException as err:  # re-raised in the test's thread
+            result["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still blocked after {seconds} s (a FIFO opened for reading?)"
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def unprivileged() -> list[str] | None:
+    """A command prefix under which chmod 000 really denies reading: [] for a normal user; for root
+    (who reads anything), setpriv without the capabilities that let root bypass permissions; None when
+    neither works here."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return None
+    prefix = [setpriv, "--bounding-set", "-dac_override,-dac_read_search"]
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = Path(tmp) / "probe"
+        probe.write_bytes(b"x")
+        probe.chmod(0)
+        res = subprocess.run([*prefix, "cat", str(probe)], capture_output=True)
+    return prefix if res.returncode != 0 else None
+
+
+def make_socket(path: Path) -> None:
+    """A Unix socket file at `path` (bound from its folder: AF_UNIX paths are limited to ~100 characters)."""
+    cwd = os.getcwd()
+    os.chdir(path.parent)
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(path.name)
+    finally:
+        os.chdir(cwd)
+
+
+def add_bad_entries(root: Path) -> dict[str, str]:
+    """Broken links, a FIFO, a socket, a link loop and an unreadable-looking class link; {relative path: reason}."""
+    (root / "labeled" / "ant" / "broken.jpg").symlink_to(root / "gone" / "photo.jpg")
+    os.mkfifo(root / "unlabeled" / "sub" / "pipe.png")
+    make_socket(root / "test" / "cat" / "sock.png")
+    (root / "unlabeled" / "loop.png").symlink_to(root / "unlabeled" / "loop.png")
+    (root / "labeled" / "ghost").symlink_to(root / "no-such-class")
+    return {
+        "labeled/ant/broken.jpg": "broken symbolic link",
+        "unlabeled/sub/pipe.png": "not a regular file (a FIFO (named pipe))",
+        "test/cat/sock.png": "not a regular file (a socket)",
+        "unlabeled/loop.png": "symbolic link loop",
+        "labeled/ghost": "broken symbolic link",
+    }
+
+
+def skipped_reasons(out: Path, root: Path) -> dict[str, str]:
+    return {Path(r["path"]).relative_to(root).as_posix(): r["reason"] for r in read_csv(out / "skipped.csv")}
+
+
+def test_broken_links_fifos_sockets_are_skipped_and_listed(folder: Path, tmp_path: Path) -> None:
+    expected = add_bad_entries(folder)
+    out = tmp_path / "prepared"
+    summary = finishes(lambda: prepare_folder(folder, out, SIZE, 0.25, seed=0))
+
+    reasons = skipped_reasons(out, folder)
+    assert set(reasons) == set(expected)
+    for rel, reason in expected.items():
+        assert reasons[rel].startswith(reason), (rel, reasons[rel])
+    assert summary.classes == list(CLASSES), "a broken link is no class"
+    assert summary.counts == {"labeled": 9, "val": 3, "unlabeled": 3, "test": 6, "test-add": 0}
+    assert summary.as_metrics()["n_skipped"] == len(expected)
+
+
+def test_links_to_photos_and_linked_class_folders_are_followed(folder: Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(21)
+    outside = tmp_path / "elsewhere"
+    for i in range(3):
+        write(outside / "dogs" / f"d{i}.png", png_bytes(rng))
+    write(outside / "u.png", png_bytes(rng))
+    (folder / "labeled" / "dog").symlink_to(outside / "dogs")
+    (folder / "unlabeled" / "linked.png").symlink_to(outside / "u.png")
+    out = tmp_path / "prepared"
+    summary = prepare_folder(folder, out, SIZE, 0.25, seed=0)
+    assert summary.skipped == []
+    assert summary.classes == [*CLASSES, "dog"]
+    paths = {r["path"] for r in read_csv(out / "manifest.csv")}
+    assert "unlabeled/linked.png" in paths and {f"labeled/dog/d{i}.png" for i in range(3)} & paths
+
+
+def test_file_that_vanishes_after_the_scan_is_skipped(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sstl.prepare
+
+    victim = folder / "unlabeled" / "sub" / "u1.png"
+    real_scan = sstl.prepare.scan
+
+    def scan_then_delete(root: Path) -> sstl.prepare.Scan:
+        found = real_scan(root)
+        victim.unlink()  # gone between listing and reading, as when a sync tool moves it away
+        return found
+
+    monkeypatch.setattr(sstl.prepare, "scan", scan_then_delete)
+    out = tmp_path / "prepared"
+    summary = prepare_folder(folder, out, SIZE, 0.25, seed=0)
+    assert skipped_reasons(out, folder) == {"unlabeled/sub/u1.png": "vanished while scanning"}
+    assert summary.counts["unlabeled"] == 2
+
+
+def test_unreadable_file_is_skipped(folder: Path, tmp_path: Path) -> None:
+    """A real chmod 000 file. Root reads it anyway: then prepare runs under setpriv without root's
+    permission-bypassing capabilities, or the test is skipped where that is not possible."""
+    prefix = unprivileged()
+    if prefix is None:
+        pytest.skip("running as root without a working setpriv: chmod 000 stays readable, nothing is denied")
+    locked = folder / "labeled" / "bee" / "bee0.png"
+    locked.chmod(0)
+    out = tmp_path / "prepared"
+    code = (
+        "import sys\nfrom pathlib import Path\nfrom sstl.prepare import prepare_folder\n"
+        "prepare_folder(Path(sys.argv[1]), Path(sys.argv[2]), 8, 0.25, seed=0)"
+    )
+    res = subprocess.run(
+        [*prefix, sys.executable, "-c", code, str(folder), str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert skipped_reasons(out, folder) == {"labeled/bee/bee0.png": "unreadable: permission denied"}
+    assert "labeled/bee/bee0.png" not in {r["path"] for r in read_csv(out / "manifest.csv")}
+
+
+def test_unreadable_file_reason_without_privileges(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same skip where the real one cannot run: os.open fails with EACCES as for a normal user."""
+    locked = folder / "test" / "ant" / "tant0.png"
+    real_open = os.open
+
+    def fake_open(file: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if Path(file) == locked:
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    out = tmp_path / "prepared"
+    summary = prepare_folder(folder, out, SIZE, 0.25, seed=0)
+    assert skipped_reasons(out, folder) == {"test/ant/tant0.png": "unreadable: permission denied"}
+    assert summary.counts["test"] == 5
+
+
+def test_hidden_folders_and_files_are_ignored(folder: Path, tmp_path: Path) -> None:
+    baseline = prepare_folder(folder, tmp_path / "before", SIZE, 0.25, seed=0)
+    rng = np.random.default_rng(33)
+    for rel in (
+        "labeled/.ipynb_checkpoints/ant0-checkpoint.png",
+        "labeled/__MACOSX/ant/._ant0.png",
+        "labeled/ant/.DS_Store",
+        "labeled/ant/._ant0.png",
+        "test/.hidden_class/t.png",
+        "unlabeled/.git/objects/ab.png",
+        "unlabeled/__MACOSX/._u0.png",
+        "unlabeled/.thumb.png",
+        ".git/HEAD",
+        ".DS_Store",
+        "__MACOSX/labeled/._x.png",
+    ):
+        write(folder / rel, png_bytes(rng))
+    (folder / "labeled" / ".Trash").mkdir()
+    out = tmp_path / "after"
+    summary = prepare_folder(folder, out, SIZE, 0.25, seed=0)
+    assert summary.classes == list(CLASSES)
+    assert summary.skipped == [] and read_csv(out / "skipped.csv") == []
+    assert summary.counts == baseline.counts
+    assert (out / "manifest.csv").read_bytes() == (tmp_path / "before" / "manifest.csv").read_bytes()
+
+
+def test_single_class_is_refused_in_one_line(tmp_path: Path) -> None:
+    root = tmp_path / "one"
+    rng = np.random.default_rng(2)
+    for i in range(4):
+        write(root / "labeled" / "cat" / f"c{i}.png", png_bytes(rng))
+    write(root / "labeled" / ".ipynb_checkpoints" / "c-checkpoint.png", png_bytes(rng))  # not a second class
+    write(root / "test" / "cat" / "t.png", png_bytes(rng))
+    write(root / "unlabeled" / "u.png", png_bytes(rng))
+    with pytest.raises(SstlError) as info:
+        prepare_folder(root, tmp_path / "prepared", SIZE, 0.25, seed=0)
+    message = str(info.value)
+    assert str(root / "labeled") in message and "only 1 class (cat)" in message and "at least 2 classes" in message
+    assert "\n" not in message
+    assert not (tmp_path / "prepared" / "labeled.npy").exists(), "refused before packing anything"
+
+
+def test_no_class_at_all_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "none"
+    rng = np.random.default_rng(2)
+    write(root / "labeled" / "loose.png", png_bytes(rng))
+    write(root / "test" / "cat" / "t.png", png_bytes(rng))
+    write(root / "unlabeled" / "u.png", png_bytes(rng))
+    with pytest.raises(SstlError, match="no class folder with a readable image: add at least 2 classes"):
+        prepare_folder(root, tmp_path / "prepared", SIZE, 0.25, seed=0)
+
+
+def test_empty_unlabeled_pool_is_refused(folder: Path, tmp_path: Path) -> None:
+    shutil.rmtree(folder / "unlabeled")
+    (folder / "unlabeled" / "sub").mkdir(parents=True)
+    (folder / "unlabeled" / ".DS_Store").write_bytes(b"litter")
+    with pytest.raises(SstlError) as info:
+        prepare_folder(folder, tmp_path / "prepared", SIZE, 0.25, seed=0)
+    message = str(info.value)
+    assert str(folder / "unlabeled") in message and "add unlabelled photos there" in message
+    assert "\n" not in message
+
+
+def test_unlabeled_pool_of_only_bad_entries_is_refused_and_the_skips_are_kept(folder: Path, tmp_path: Path) -> None:
+    shutil.rmtree(folder / "unlabeled")
+    (folder / "unlabeled").mkdir()
+    (folder / "unlabeled" / "broken.jpg").symlink_to(tmp_path / "gone.jpg")
+    write(folder / "unlabeled" / "copy.png", (folder / "test" / "ant" / "tant0.png").read_bytes())
+    out = tmp_path / "prepared"
+    with pytest.raises(SstlError, match=r"no usable image in .*unlabeled .*1 skipped entries are listed in"):
+        prepare_folder(folder, out, SIZE, 0.25, seed=0)
+    assert skipped_reasons(out, folder) == {"unlabeled/broken.jpg": "broken symbolic link (its target is missing)"}
+
+
+def test_absent_test_add_is_recorded_as_absent(folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "prepared"
+    summary = prepare_folder(folder, out, SIZE, 0.25, seed=0)
+    splits = read_json(out / "splits.json")
+    assert splits["test-add"] == {"images": 0, "source": "absent (no test-add/ folder)"}
+    assert splits["val"]["source"].startswith("held out from labeled/")
+    assert {s: v["images"] for s, v in splits.items()} == summary.counts
+    assert np.load(out / "test-add.npy").shape == (0, SIZE, SIZE, 3)
+    assert len(load_split(out, "test-add")) == 0
+    (folder / "test-add").mkdir()
+    prepare_folder(folder, out, SIZE, 0.25, seed=0)
+    assert read_json(out / "splits.json")["test-add"]["source"] == "test-add/ has no readable image"
+
+
+def test_skip_report_prints_a_count_and_the_first_few() -> None:
+    rows = [{"path": f"p{i}.png", "reason": "broken symbolic link"} for i in range(7)]
+    lines = skip_report(rows, "data/prepared/skipped.csv", limit=3)
+    assert lines[0] == "prepare: skipped 7 entries (all listed in data/prepared/skipped.csv):"
+    assert lines[1:4] == [f"  p{i}.png: broken symbolic link" for i in range(3)]
+    assert lines[4] == "  ... and 4 more"
+    assert skip_report(rows[:1], "x.csv")[0] == "prepare: skipped 1 entry (all listed in x.csv):"
+    assert skip_report([], "x.csv") == []
+
+
+# ---------------------------------------------------------------- the folder's fingerprint (prepare's DVC dep)
+
+
+def test_fingerprint_is_what_prepare_packed_and_changes_only_with_the_photos(folder: Path, tmp_path: Path) -> None:
+    add_bad_entries(folder)
+    summary = finishes(lambda: prepare_folder(folder, tmp_path / "prepared", SIZE, 0.25, seed=0))
+    first = fingerprint(folder, summary.inventory)
+    assert finishes(lambda: fingerprint(folder, folder_inventory(folder))) == first
+    assert first["files"] == 21 and first["skipped"] == 5
+
+    photo = folder / "labeled" / "cat" / "cat1.png"
+    os.utime(photo, ns=(1, 1))  # touched, copied without -p: same bytes
+    write(folder / "labeled" / "cat" / ".DS_Store", b"Finder litter")
+    write(folder / "__MACOSX" / "._x", b"more litter")
+    assert fingerprint(folder, folder_inventory(folder)) == first
+
+    for change in (
+        lambda: write(photo, png_bytes(np.random.default_rng(99))),  # new bytes
+        lambda: photo.rename(photo.with_name("renamed.png")),  # moved
+        lambda: (folder / "unlabeled" / "dead.jpg").symlink_to(tmp_path / "nothing.jpg"),  # a new skip
+        lambda: write(folder / "gone" / "photo.jpg", b"\xff\xd8 now the link resolves"),  # a skip fixed
+    ):
+        before = fingerprint(folder, folder_inventory(folder))
+        change()
+        assert fingerprint(folder, folder_inventory(folder)) != before
+
+
+def test_refresh_rewrites_only_on_change_and_reads_only_changed_files(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sstl.prepare
+
+    reads: list[str] = []
+    real_read = sstl.prepare.read_file
+
+    def counting_read(path: Path | str) -> bytes:
+        reads.append(Path(path).name)
+        return real_read(path)
+
+    monkeypatch.setattr(sstl.prepare, "read_file", counting_read)
+    inventory, cache = tmp_path / "inventory.json", tmp_path / "state" / "cache.json"
+    assert refresh_inventory(folder, inventory, cache) is True
+    assert len(reads) == 21 and read_json(inventory)["files"] == 21
+    reads.clear()
+    assert refresh_inventory(folder, inventory, cache) is False
+    assert reads == [], "unchanged files are answered from the cache"
+    write(folder / "test" / "bee" / "tbee0.png", png_bytes(np.random.default_rng(5)))
+    assert refresh_inventory(folder, inventory, cache) is True
+    assert reads == ["tbee0.png"]
+    reads.clear()
+    (folder / "test" / "bee" / "tbee1.png").chmod(0o600)  # ctime moves: read again, as it may now be unreadable
+    assert refresh_inventory(folder, inventory, cache) is False
+    assert reads == ["tbee1.png"]
+
+
+def test_refresh_records_a_folder_prepare_would_refuse(tmp_path: Path) -> None:
+    inventory = tmp_path / "inventory.json"
+    assert refresh_inventory(tmp_path / "not-yet", inventory, None) is True
+    record = read_json(inventory)
+    assert record["folder"] == str(tmp_path / "not-yet") and "not found" in record["error"]
+    assert refresh_inventory(tmp_path / "not-yet", inventory, None) is False
+
+
+# ---------------------------------------------------------------- the real DVC on a folder with bad entries
+
+
+def run(cwd: Path, *cmd: str, prefix: list[str] | None = None) -> str:
+    """A command in `cwd` with this interpreter's folder first on PATH (DVC stages call `python`); a
+    hang (DVC hashing a FIFO) fails after the timeout instead of blocking the suite."""
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    res = subprocess.run([*(prefix or []), *cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, (
+        f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    )
+    return res.stdout + res.stderr
+
+
+def dvc_project(tmp_path: Path, photos: Path) -> Path:
+    """A git + DVC repo with the project's code, params (data.folder = `photos`) and only the real prepare stage."""
+    from conftest import ROOT
+
+    repo = tmp_path / "project"
+    repo.mkdir()
+    for item in ("stages", "src"):
+        shutil.copytree(ROOT / item, repo / item, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"] |= {"folder": str(photos), "image_size": SIZE, "interpolation": "bilinear"}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"prepare": stages["prepare"]}}, sort_keys=False))
+    write(repo / "data" / "demo" / "README", b"stands in for the demo stage's output")
+    run(repo, "git", "init", "-q")
+    run(repo, sys.executable, "-m", "dvc", "init", "-q")
+    run(repo, sys.executable, "-m", "dvc", "config", "core.analytics", "false")
+    return repo
+
+
+@pytest.mark.e2e
+def test_dvc_repro_and_status_with_bad_entries_in_the_photo_folder(folder: Path, tmp_path: Path) -> None:
+    """Broken links, a FIFO, a socket, a link loop (and, where permissions can be denied, a chmod 000
+    photo) in data.folder: `dvc repro` runs prepare, which lists them; `dvc status` is clean until a
+    photo changes, touched files and hidden litter do not count, a new photo re-runs prepare."""
+    expected = add_bad_entries(folder)
+    prefix = unprivileged()
+    if prefix is not None:  # else root reads everything: the unreadable case is covered by the tests above
+        (folder / "labeled" / "bee" / "bee3.png").chmod(0)
+        expected["labeled/bee/bee3.png"] = "unreadable: permission denied"
+    repo = dvc_project(tmp_path, folder)
+
+    def dvc(*args: str) -> str:
+        return run(repo, sys.executable, "-m", "dvc", *args, prefix=prefix)
+
+    def refresh() -> str:
+        return run(repo, sys.executable, "stages/prepare.py", "--refresh", prefix=prefix)
+
+    assert "updated" in refresh()
+    out = dvc("repro")
+    assert "Running stage 'prepare'" in out and "prepare: skipped" in out
+    reasons = skipped_reasons(repo / "data" / "prepared", folder)
+    assert set(reasons) == set(expected)
+    assert all(reasons[rel].startswith(reason) for rel, reason in expected.items()), reasons
+    assert "up to date" in dvc("status")
+
+    os.utime(folder / "labeled" / "cat" / "cat0.png", ns=(10**9, 10**9))
+    write(folder / "labeled" / "cat" / ".DS_Store", b"Finder litter")
+    write(folder / ".ipynb_checkpoints" / "x.png", b"notebook litter")
+    assert "unchanged" in refresh()
+    assert "up to date" in dvc("status")
+    assert "Running stage" not in dvc("repro")
+
+    write(folder / "unlabeled" / "new.png", png_bytes(np.random.default_rng(77)))
+    assert "updated" in refresh()
+    status = dvc("status")
+    assert "prepare" in status and "data/inventory.json" in status
+    assert "Running stage 'prepare'" in dvc("repro")
+    assert "unlabeled/new.png" in {r["path"] for r in read_csv(repo / "data" / "prepared" / "manifest.csv")}
+    assert "up to date" in dvc("status")
+
+
+def test_optional_split_that_is_a_broken_link_is_listed(folder: Path, tmp_path: Path) -> None:
+    (folder / "test-add").symlink_to(tmp_path / "unmounted-drive" / "test-add")
+    write(folder / "val", b"a file where the val/ folder should be")
+    out = tmp_path / "prepared"
+    summary = prepare_folder(folder, out, SIZE, 0.25, seed=0)
+    assert skipped_reasons(out, folder) == {
+        "test-add": "broken symbolic link (its target is missing)",
+        "val": "not a folder: val/ must be a folder",
+    }
+    assert summary.counts["test-add"] == 0 and summary.counts["val"] == 3

@@ -14,12 +14,15 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import yaml
 
 from sstl.errors import SstlError
+
+if TYPE_CHECKING:
+    from sstl.params import Params
 
 app = typer.Typer(
     help="Semi-supervised transfer learning: run the pipeline, compare experiments, predict, report.",
@@ -32,6 +35,7 @@ app.add_typer(exp_app, name="exp")
 
 PARAMS = Path("params.yaml")
 METRICS = Path("reports/metrics.json")
+ENVIRONMENT = Path("reports/environment.json")  # not a DVC output: host-dependent
 
 
 @contextmanager
@@ -72,13 +76,12 @@ def check_lock(lock: Path = Path("dvc.lock")) -> None:
     raise SstlError(f"{lock} is empty or unreadable (a run was killed while DVC wrote it): restore it with `{fix}`")
 
 
-def _check_params(overrides: Sequence[str] = ()) -> None:
+def _check_params(overrides: Sequence[str] = ()) -> Params:
     """Validate params.yaml with `key=value` overrides applied, before DVC writes anything."""
     from sstl.params import load_params, parse_params, read_yaml
 
     if not overrides:
-        load_params(PARAMS)
-        return
+        return load_params(PARAMS)
     if not PARAMS.is_file():
         raise SstlError(f"{PARAMS} not found: run sstl from the project root")
     raw: dict[str, Any] = read_yaml(PARAMS) or {}
@@ -98,7 +101,17 @@ def _check_params(overrides: Sequence[str] = ()) -> None:
             node[leaf] = yaml.safe_load(value)
         except yaml.YAMLError:
             raise SstlError(f"override {item!r}: {value!r} is not a YAML value (quote strings with spaces)") from None
-    parse_params(raw, f"params.yaml with {' '.join(overrides)}")
+    return parse_params(raw, f"params.yaml with {' '.join(overrides)}")
+
+
+def _before_dvc(overrides: Sequence[str] = ()) -> None:
+    """What every command that starts DVC checks first: a readable dvc.lock, valid params, and the
+    fingerprint of the photo folder (data/inventory.json, prepare's dep) brought up to date."""
+    from sstl.prepare import refresh_inventory
+
+    check_lock()
+    params = _check_params(overrides)
+    refresh_inventory(Path(params.data.folder))
 
 
 def _exit(code: int) -> None:
@@ -114,11 +127,15 @@ def run(
 ) -> None:
     """Run the pipeline (`dvc repro`): only the stages whose inputs changed."""
     with user_errors():
-        check_lock()
-        _check_params()
+        _before_dvc()
         env = _env() | {"SSTL_PIPELINE_ID": uuid.uuid4().hex[:12]}
         args = ["repro", *([stage] if stage else []), *(["--force"] if force else []), *(["--dry"] if dry else [])]
-        _exit(_dvc(*args, env=env))
+        code = _dvc(*args, env=env)
+        if code == 0 and not dry:
+            from sstl.environment import write_report
+
+            write_report(ENVIRONMENT)  # what the figures were made with: versions, CPU, lock digest
+        _exit(code)
 
 
 @app.command()
@@ -152,8 +169,7 @@ def exp_run(
     """Run the pipeline as a DVC experiment with params overridden (`dvc exp run -S ...`)."""
     overrides = set_param or []
     with user_errors():
-        check_lock()
-        _check_params(overrides)
+        _before_dvc(overrides)
         args = ["exp", "run", *[a for o in overrides for a in ("-S", o)], *(["--name", name] if name else [])]
         _exit(_dvc(*args, env=_env() | {"SSTL_PIPELINE_ID": uuid.uuid4().hex[:12]}))
 
@@ -284,7 +300,7 @@ def status() -> None:
     from sstl.report import summary_markdown
 
     with user_errors():
-        check_lock()
+        _before_dvc()
         code = _dvc("status")
         if METRICS.is_file():
             typer.echo("\nlatest metrics (reports/metrics.json):\n" + summary_markdown(read_json(METRICS)))

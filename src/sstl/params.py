@@ -248,7 +248,7 @@ def _where(err: yaml.YAMLError, text: str) -> str:
     problem = getattr(err, "problem", None)
     mark = getattr(err, "problem_mark", None)
     if getattr(err, "context", None) == "while scanning a simple key" and getattr(err, "context_mark", None):
-        mark = err.context_mark  # type: ignore[attr-defined]
+        mark = err.context_mark
     if mark is None:
         return ""
     lines = text.splitlines()

@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,19 +15,22 @@ import numpy as np
 import torch
 
 from sstl.errors import SstlError
-from sstl.images import IMAGE_SUFFIXES, UnreadableImage, decode
+from sstl.images import IMAGE_SUFFIXES, UnreadableImage, decode, read_file, walk
 from sstl.inference import infer
 from sstl.models import Classifier
 from sstl.runtime import CPU, Runtime
 
 
 def collect_images(paths: list[Path]) -> list[Path]:
-    """Files as given, folders expanded (recursively) to their image files, sorted."""
+    """Files as given, folders expanded (recursively, hidden entries left out) to their image files, sorted.
+
+    Entries that exist but cannot be read (a broken link, a FIFO) are kept: predict reports and skips
+    them by name. Only a path that does not exist at all is an error (most likely a typo)."""
     found: list[Path] = []
     for path in paths:
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.is_file():
+            found += [p for p, _ in walk(path) if p.suffix.lower() in IMAGE_SUFFIXES]
+        elif os.path.lexists(path):
             found.append(path)
         else:
             raise SstlError(f"{path} not found: pass image files or folders")
@@ -42,17 +48,27 @@ def predict(
     *,
     interpolation: str | None = None,
     runtime: Runtime = CPU,
+    on_skip: Callable[[Path, str], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per image: {"path", "predictions": [{"class", "probability"}, ...]} best first.
+    """One row per readable image: {"path", "predictions": [{"class", "probability"}, ...]} best first.
 
     Each image is decoded as `prepare` packed the training images: side `image_size`, resampled with
-    `interpolation` (default: the backbone's); the model normalises with its own mean and std."""
-    images = []
+    `interpolation` (default: the backbone's); the model normalises with its own mean and std.
+    An unreadable image does not cost the batch: `on_skip(path, reason)` is told (default: one line on
+    stderr) and the others are classified; only when none can be read is it an error."""
+    images, readable, problems = [], [], []
     for path in paths:
         try:
-            images.append(decode(path.read_bytes(), image_size, interpolation or model.data.interpolation))
+            images.append(decode(read_file(path), image_size, interpolation or model.data.interpolation))
+            readable.append(path)
         except UnreadableImage as err:
-            raise SstlError(f"{path}: {err}; remove it or pass only image files") from None
+            problems.append((path, str(err)))
+    if not readable:
+        first, reason = problems[0]
+        which = f"none of the {len(problems)} images could be read, e.g. " if len(problems) > 1 else ""
+        raise SstlError(f"{which}{first}: {reason}; pass readable image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    for path, reason in problems:
+        (on_skip or report_skip)(path, reason)
     probs = infer(model, torch.from_numpy(np.stack(images)), runtime=runtime, desc="predict").softmax(1)
     score, index = probs.topk(min(top_k, len(classes)), dim=1)
     return [
@@ -60,8 +76,13 @@ def predict(
             "path": str(p),
             "predictions": [{"class": classes[c], "probability": round(s, 4)} for c, s in zip(ci, si, strict=True)],
         }
-        for p, ci, si in zip(paths, index.tolist(), score.tolist(), strict=True)
+        for p, ci, si in zip(readable, index.tolist(), score.tolist(), strict=True)
     ]
+
+
+def report_skip(path: Path, reason: str) -> None:
+    """One line on stderr: stdout stays the table / csv / json of the images that were classified."""
+    print(f"skipped {path}: {reason}", file=sys.stderr)
 
 
 def render(rows: list[dict[str, Any]], fmt: str) -> str:

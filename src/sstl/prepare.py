@@ -2,13 +2,20 @@
 
 Layout read: labeled/<class>/**, unlabeled/** (any nesting), test/<class>/**, and optionally
 val/<class>/** (else a seeded stratified split of labeled) and test-add/<class>/**.
+
+Users' folders hold more than photos: broken links, FIFOs, sockets, unreadable files are skipped and
+listed in skipped.csv with the reason; hidden entries (.DS_Store, .git, __MACOSX, ...) are ignored.
+DVC cannot hash such a folder (it stops on a broken link, hangs on a FIFO), so the prepare stage
+depends on the folder's fingerprint, data/inventory.json, instead: see refresh_inventory.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -16,13 +23,16 @@ from tqdm import tqdm
 from sstl.corruptions import CorruptConfig, corrupt
 from sstl.dataset import MANIFEST_FIELDS, SPLITS, save_images
 from sstl.errors import SstlError
-from sstl.files import write_csv, write_json
-from sstl.images import IMAGE_SUFFIXES, UnreadableImage, decode
+from sstl.files import read_json, write_csv, write_json
+from sstl.images import IMAGE_SUFFIXES, UnreadableImage, children, classify, decode, os_reason, read_file, walk
 from sstl.neardup import REPORT_FIELDS as NEARDUP_FIELDS
 from sstl.neardup import NearDupConfig, find_near_duplicates, report_rows
 
 LABELLED_SPLITS = ("labeled", "val", "test", "test-add")
 EVAL_SPLITS = ("val", "test", "test-add")
+INVENTORY = Path("data/inventory.json")  # the prepare stage's DVC dependency in place of the folder
+HASH_CACHE = Path(".sstl-state/inventory-cache.json")  # git-ignored, like DVC's own state db
+SKIPPED = "skipped: "  # inventory value prefix for an entry that is not a readable file
 
 
 @dataclass
@@ -34,12 +44,23 @@ class Entry:
 
 
 @dataclass
+class Scan:
+    """What a folder holds: candidate image files, entries skipped (with reasons), labeled/ class folders."""
+
+    entries: list[Entry] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    class_dirs: list[str] = field(default_factory=list)
+
+
+@dataclass
 class PrepareSummary:
     counts: dict[str, int]
     skipped: list[dict[str, str]] = field(default_factory=list)
     duplicates_dropped: int = 0
     classes: list[str] = field(default_factory=list)
     near_duplicates_dropped: int = 0
+    inventory: dict[str, str] = field(default_factory=dict)  # relative path -> sha256 or "skipped: reason"
+    sources: dict[str, str] = field(default_factory=dict)  # split -> where its images came from
 
     def as_metrics(self) -> dict[str, int]:
         return {
@@ -67,40 +88,161 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     return keep, held_arr
 
 
-def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file())
+def skip(path: Path | str, reason: str) -> dict[str, str]:
+    return {"path": str(path), "reason": reason}
 
 
-def scan(root: Path) -> tuple[list[Entry], list[dict[str, str]]]:
-    """All candidate image files with split and label; files with a non-image suffix are skipped."""
+def scan(root: Path) -> Scan:
+    """All candidate image files with split and label, and every other entry with why it is skipped.
+
+    Only stat() and listdir() are used: nothing is opened, so no FIFO can block the scan."""
     root = Path(root)
     if not root.is_dir():
         raise SstlError(f"data folder {root} not found: set data.folder in params.yaml to your image folder")
     for required in ("labeled", "unlabeled", "test"):
         if not (root / required).is_dir():
             raise SstlError(f"{root / required} not found: the data folder needs labeled/, unlabeled/ and test/")
-    entries: list[Entry] = []
-    skipped: list[dict[str, str]] = []
-
-    def add(path: Path, split: str, label: str) -> None:
-        if path.suffix.lower() in IMAGE_SUFFIXES:
-            entries.append(Entry(path, split, label))
-        else:
-            skipped.append({"path": str(path), "reason": f"not an image file (suffix {path.suffix or 'none'!r})"})
-
+    found = Scan()
     for split in LABELLED_SPLITS:
-        folder = root / split
-        if not folder.is_dir():
+        is_dir, problem = classify(root / split)
+        if is_dir:
+            _scan_classes(root / split, split, found)
+        elif os.path.lexists(root / split):  # e.g. test-add as a broken link: say so, not "absent"
+            found.skipped.append(skip(root / split, problem or f"not a folder: {split}/ must be a folder"))
+    for path, problem in walk(root / "unlabeled"):
+        _add(found, path, problem, "unlabeled", "")
+    return found
+
+
+def _scan_classes(folder: Path, split: str, found: Scan) -> None:
+    """<split>/<class>/** : every non-hidden subfolder is a class; anything loose beside them is skipped."""
+    try:
+        items = list(children(folder))
+    except OSError as err:
+        found.skipped.append(skip(folder, f"folder {os_reason(err, folder)}"))
+        return
+    for path, is_dir, problem in items:
+        if not is_dir:
+            _add(found, path, problem or f"not inside a class folder of {split}/", split, "")
             continue
-        for item in sorted(folder.iterdir()):
-            if item.is_dir():
-                for path in _files(item):
-                    add(path, split, item.name)
-            else:
-                skipped.append({"path": str(item), "reason": f"not inside a class folder of {split}/"})
-    for path in _files(root / "unlabeled"):
-        add(path, "unlabeled", "")
-    return entries, skipped
+        if split == "labeled":
+            found.class_dirs.append(path.name)
+        for file, file_problem in walk(path):
+            _add(found, file, file_problem, split, path.name)
+
+
+def _add(found: Scan, path: Path, problem: str, split: str, label: str) -> None:
+    if problem:
+        found.skipped.append(skip(path, problem))
+    elif path.suffix.lower() not in IMAGE_SUFFIXES:
+        found.skipped.append(skip(path, f"not an image file (suffix {path.suffix or 'none'!r})"))
+    else:
+        found.entries.append(Entry(path, split, label))
+
+
+def relative(root: Path, path: Path | str) -> str:
+    return Path(path).relative_to(root).as_posix()
+
+
+# ---------------------------------------------------------------- the folder's fingerprint (DVC dependency)
+
+
+def fingerprint(folder: Path, inventory: dict[str, str]) -> dict[str, Any]:
+    """The small record DVC hashes for the prepare stage: it changes exactly when a photo's bytes, a
+    photo's path or a skipped entry (and its reason) change; hidden files and mtimes do not count."""
+    text = "".join(f"{path}\t{value}\n" for path, value in sorted(inventory.items()))
+    n_skipped = sum(v.startswith(SKIPPED) for v in inventory.values())
+    return {
+        "folder": str(folder),
+        "files": len(inventory) - n_skipped,
+        "skipped": n_skipped,
+        "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+    }
+
+
+class HashCache:
+    """sha256 of files, kept while (size, mtime, ctime, inode) stay the same, as DVC's state db does:
+    a refresh before each run re-reads only new or changed photos. chmod changes ctime, so a file
+    that became unreadable is read again (and reported) rather than answered from the cache."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.known: dict[str, list[Any]] = {}
+        self.seen: dict[str, list[Any]] = {}
+        if path is not None and path.is_file():
+            try:
+                self.known = dict(read_json(path).get("files", {}))
+            except (ValueError, AttributeError, OSError):
+                self.known = {}  # a damaged cache is only a slower refresh
+
+    def sha256(self, path: Path) -> str:
+        try:
+            st = os.stat(path)
+        except OSError as err:
+            raise UnreadableImage(os_reason(err, path)) from None
+        key, stamp = os.path.abspath(path), [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        hit = self.known.get(key)
+        digest = hit[4] if hit and hit[:4] == stamp else hashlib.sha256(read_file(path)).hexdigest()
+        self.seen[key] = [*stamp, digest]
+        return digest
+
+    def save(self, root: Path) -> None:
+        """Keep other folders' entries; drop this folder's files that are gone."""
+        if self.path is None:
+            return
+        prefix = os.path.join(os.path.abspath(root), "")
+        kept = {k: v for k, v in self.known.items() if not k.startswith(prefix)}
+        write_json(self.path, {"version": 1, "files": kept | self.seen})
+
+
+def folder_inventory(root: Path, cache: Path | None = None) -> dict[str, str]:
+    """relative path -> sha256 (or "skipped: reason") for what prepare would read; nothing is decoded."""
+    root = Path(root)
+    found = scan(root)
+    inventory = {relative(root, r["path"]): SKIPPED + r["reason"] for r in found.skipped}
+    hashes = HashCache(cache)
+    for entry in found.entries:
+        try:
+            inventory[relative(root, entry.path)] = hashes.sha256(entry.path)
+        except UnreadableImage as err:
+            inventory[relative(root, entry.path)] = SKIPPED + str(err)
+    hashes.save(root)
+    return inventory
+
+
+def refresh_inventory(folder: Path, out: Path = INVENTORY, cache: Path | None = HASH_CACHE) -> bool:
+    """Rewrite `out` (data/inventory.json) from the folder as it is now; True when it changed.
+
+    Run before `dvc repro` / `dvc status` (`sstl run` does): DVC then re-runs prepare exactly when the
+    photos changed. A folder prepare would refuse is recorded as the error, so DVC still runs prepare
+    and the user gets prepare's one-line message (e.g. data/demo before the demo stage made it)."""
+    folder, out = Path(folder), Path(out)
+    try:
+        record = fingerprint(folder, folder_inventory(folder, cache))
+    except SstlError as err:
+        record = {"folder": str(folder), "error": str(err)}
+    try:
+        old = read_json(out) if out.is_file() else None
+    except ValueError:
+        old = None
+    if record == old:
+        return False
+    write_json(out, record)
+    return True
+
+
+def skip_report(skipped: list[dict[str, str]], where: Path | str, limit: int = 5) -> list[str]:
+    """A count and the first few skipped entries, for the console; the full list is in `where`."""
+    if not skipped:
+        return []
+    lines = [f"prepare: skipped {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} (all listed in {where}):"]
+    lines += [f"  {row['path']}: {row['reason']}" for row in skipped[:limit]]
+    if len(skipped) > limit:
+        lines.append(f"  ... and {len(skipped) - limit} more")
+    return lines
+
+
+# ---------------------------------------------------------------- prepare
 
 
 def prepare_folder(
@@ -113,40 +255,25 @@ def prepare_folder(
     corrupt_test: CorruptConfig | None = None,
     interpolation: str = "bicubic",
 ) -> PrepareSummary:
-    """Decode, check, de-duplicate and split `root`; write <split>.npy, manifest.csv, skipped.csv, classes.json.
+    """Decode, check, de-duplicate and split `root`; write <split>.npy, manifest.csv, skipped.csv,
+    neardup.csv, classes.json, packing.json and splits.json (each split's count and source).
 
     With `neardup` (enabled), unlabelled near-duplicates of val/test/test-add images are dropped too and
     listed in neardup.csv (unlabeled_path, eval_path, eval_split, similarity; paths relative to `root`,
-    most similar first); without it neardup.csv is written empty.
+    most similar first); without it neardup.csv is written empty. skipped.csv is written before the
+    checks, so a refused folder still shows which entries were skipped and why.
     """
-    entries, skipped = scan(root)
-    arrays: list[np.ndarray] = []
-    kept: list[Entry] = []
-    for entry in tqdm(entries, desc="decode", unit="img", disable=None):
-        data = entry.path.read_bytes()
-        try:
-            arrays.append(decode(data, image_size, interpolation))
-        except UnreadableImage as err:
-            skipped.append({"path": str(entry.path), "reason": str(err)})
-            continue
-        entry.sha256 = hashlib.sha256(data).hexdigest()
-        kept.append(entry)
+    root, out = Path(root), Path(out)
+    found = scan(root)
+    skipped = list(found.skipped)
+    inventory = {relative(root, r["path"]): SKIPPED + r["reason"] for r in skipped}
+    kept, arrays = _read_all(root, found.entries, image_size, interpolation, skipped, inventory)
+    write_csv(out / "skipped.csv", skipped, ("path", "reason"))
+    note = f" ({len(skipped)} skipped entries are listed in {out / 'skipped.csv'})" if skipped else ""
+    classes = _check_classes(root, kept, found.class_dirs, note)
 
-    classes = sorted({e.label for e in kept if e.split == "labeled"})
-    class_dirs = sorted(p.name for p in (Path(root) / "labeled").iterdir() if p.is_dir())
-    for name in class_dirs:
-        if name not in classes:
-            raise SstlError(
-                f"class {name!r} has no readable labelled image: add images to labeled/{name}/ or remove it"
-            )
-    for split in ("val", "test", "test-add"):
-        unknown = sorted({e.label for e in kept if e.split == split} - set(classes))
-        if unknown:
-            raise SstlError(
-                f"{split}/ has classes not in labeled/: {', '.join(unknown)}; add them to labeled/ or remove them"
-            )
-
-    if not any(e.split == "val" for e in kept):  # split val off first, so de-duplication covers it too
+    val_from_folder = any(e.split == "val" for e in kept)
+    if not val_from_folder:  # split val off first, so de-duplication covers it too
         lab = [i for i, e in enumerate(kept) if e.split == "labeled"]
         labels = np.array([classes.index(kept[i].label) for i in lab])
         _, held = stratified_split(labels, val_fraction, seed)
@@ -159,7 +286,7 @@ def prepare_folder(
     dropped = 0
     for i, e in enumerate(kept):
         if e.split == "unlabeled" and e.sha256 in eval_hashes:
-            skipped.append({"path": str(e.path), "reason": f"duplicate of evaluation image {eval_hashes[e.sha256]}"})
+            skipped.append(skip(e.path, f"duplicate of evaluation image {eval_hashes[e.sha256]}"))
             dropped += 1
         else:
             order.append(i)
@@ -172,15 +299,16 @@ def prepare_folder(
         matches = find_near_duplicates([arrays[i] for i in pool_idx], [arrays[i] for i in ref_idx], neardup)
         near_rows = report_rows(
             matches,
-            [str(kept[i].path.relative_to(root)) for i in pool_idx],
-            [str(kept[i].path.relative_to(root)) for i in ref_idx],
+            [relative(root, kept[i].path) for i in pool_idx],
+            [relative(root, kept[i].path) for i in ref_idx],
             [kept[i].split for i in ref_idx],
         )
         near = {pool_idx[m.pool_index] for m in matches}
         order = [i for i in order if i not in near]
 
+    test_add_from_folder = any(kept[i].split == "test-add" for i in order)
     if corrupt_test is not None:
-        if any(kept[i].split == "test-add" for i in order):
+        if test_add_from_folder:
             raise SstlError("the folder has a test-add/ and data.test_add_corruptions is set: use one or the other")
         tests = [i for i in order if kept[i].split == "test"]
         images, kinds = corrupt([arrays[i] for i in tests], corrupt_test)
@@ -192,30 +320,113 @@ def prepare_folder(
             arrays.append(img)
             order.append(len(kept) - 1)
 
-    out = Path(out)
-    rows, counts = [], {}
-    for split in SPLITS:
-        idx = [i for i in order if kept[i].split == split]
-        counts[split] = len(idx)
+    by_split = {split: [i for i in order if kept[i].split == split] for split in SPLITS}
+    counts = {split: len(idx) for split, idx in by_split.items()}
+    _check_counts(root, counts, note)
+    write_csv(out / "skipped.csv", skipped, ("path", "reason"))  # now with the dropped duplicates
+    rows = []
+    for split, idx in by_split.items():
         stack = np.stack([arrays[i] for i in idx]) if idx else np.zeros((0, image_size, image_size, 3), np.uint8)
         save_images(out / f"{split}.npy", stack)
         for i in idx:
             e = kept[i]
             rows.append(
                 {
-                    "path": str(e.path.relative_to(root)),
+                    "path": relative(root, e.path),
                     "split": split,
                     "label": e.label,
                     "label_index": classes.index(e.label) if e.label else -1,
                     "sha256": e.sha256,
                 }
             )
-    for split in ("labeled", "val", "test"):
-        if counts[split] == 0:
-            raise SstlError(f"no readable image in {split}: check the folder {root}")
+    sources = split_sources(root, counts, val_from_folder, corrupt_test is not None, val_fraction)
     write_csv(out / "manifest.csv", rows, MANIFEST_FIELDS)
-    write_csv(out / "skipped.csv", skipped, ("path", "reason"))
     write_csv(out / "neardup.csv", near_rows, NEARDUP_FIELDS)
     write_json(out / "classes.json", classes)
     write_json(out / "packing.json", {"image_size": image_size, "interpolation": interpolation})
-    return PrepareSummary(counts, skipped, dropped, classes, len(near_rows))
+    write_json(out / "splits.json", {s: {"images": counts[s], "source": sources[s]} for s in SPLITS})
+    return PrepareSummary(counts, skipped, dropped, classes, len(near_rows), inventory, sources)
+
+
+def _read_all(
+    root: Path,
+    entries: list[Entry],
+    image_size: int,
+    interpolation: str,
+    skipped: list[dict[str, str]],
+    inventory: dict[str, str],
+) -> tuple[list[Entry], list[np.ndarray]]:
+    """Read and decode every candidate; an unreadable file or image joins `skipped` instead of stopping.
+
+    `inventory` gets each file's sha256 (or its skip reason), as folder_inventory computes it, so the
+    fingerprint the stage records is that of the bytes actually packed."""
+    kept: list[Entry] = []
+    arrays: list[np.ndarray] = []
+    for entry in tqdm(entries, desc="decode", unit="img", disable=None):
+        try:
+            data = read_file(entry.path)
+        except UnreadableImage as err:
+            skipped.append(skip(entry.path, str(err)))
+            inventory[relative(root, entry.path)] = SKIPPED + str(err)
+            continue
+        entry.sha256 = hashlib.sha256(data).hexdigest()
+        inventory[relative(root, entry.path)] = entry.sha256
+        try:
+            arrays.append(decode(data, image_size, interpolation))
+        except UnreadableImage as err:
+            skipped.append(skip(entry.path, str(err)))
+            continue
+        kept.append(entry)
+    return kept, arrays
+
+
+def _check_classes(root: Path, kept: list[Entry], class_dirs: list[str], note: str) -> list[str]:
+    """The classes (labeled/ folders with a readable image); refuse an empty class, fewer than two
+    classes (one class trains a model that is trivially always right), or an evaluation-only class."""
+    classes = sorted({e.label for e in kept if e.split == "labeled"})
+    for name in class_dirs:
+        if name not in classes:
+            raise SstlError(
+                f"class {name!r} has no readable labelled image: add images to labeled/{name}/ or remove it{note}"
+            )
+    if len(classes) < 2:
+        found = f"only {len(classes)} class ({classes[0]})" if classes else "no class folder with a readable image"
+        raise SstlError(
+            f"{root / 'labeled'} has {found}: add at least 2 classes, one folder of photos per class "
+            f"(labeled/<class>/){note}"
+        )
+    for split in ("val", "test", "test-add"):
+        unknown = sorted({e.label for e in kept if e.split == split} - set(classes))
+        if unknown:
+            raise SstlError(
+                f"{split}/ has classes not in labeled/: {', '.join(unknown)}; add them to labeled/ or remove them"
+            )
+    return classes
+
+
+def _check_counts(root: Path, counts: dict[str, int], note: str) -> None:
+    """Every split the pipeline needs has images. An empty pool is refused rather than run: the
+    student would train on the labelled images alone and pretrain (when enabled) has nothing to learn."""
+    for split in ("labeled", "val", "test"):
+        if counts[split] == 0:
+            raise SstlError(f"no readable image in {split}: check the folder {root}{note}")
+    if counts["unlabeled"] == 0:
+        raise SstlError(
+            f"no usable image in {root / 'unlabeled'} (none readable, or all copies of val/test images): "
+            f"add unlabelled photos there, in any subfolders; sstl pseudo-labels them to train the student{note}"
+        )
+
+
+def split_sources(
+    root: Path, counts: dict[str, int], val_from_folder: bool, test_add_corrupted: bool, val_fraction: float
+) -> dict[str, str]:
+    """Where each split came from, for splits.json; an absent test-add is recorded as such, not as an error."""
+    sources = {split: f"{split}/" for split in SPLITS}
+    if not val_from_folder:
+        sources["val"] = f"held out from labeled/ (data.val_fraction={val_fraction})"
+    if test_add_corrupted:
+        sources["test-add"] = "test/ under corruptions (data.test_add_corruptions)"
+    elif counts["test-add"] == 0:
+        folder = root / "test-add"
+        sources["test-add"] = "test-add/ has no readable image" if folder.is_dir() else "absent (no test-add/ folder)"
+    return sources

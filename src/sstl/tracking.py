@@ -203,7 +203,7 @@ def environment_tags() -> dict[str, str]:
     """The installed versions and the CPU, so that every figure names its environment."""
     from sstl.environment import describe
 
-    return {f"env.{k}": str(v) for k, v in describe().items()}
+    return {f"env.{k}": str(v) for k, v in describe(project_root() / "requirements.lock").items()}
 
 
 @contextmanager
