@@ -5,6 +5,8 @@ Under torchrun every process trains on its share of each batch (DDP); rank 0 wri
 
 from pathlib import Path
 
+import _checkout  # noqa: F401  (this checkout's src/ first: see stages/_checkout.py)
+
 from sstl import tracking
 from sstl.dataset import load_classes, load_packing, load_split
 from sstl.errors import stage_main
@@ -37,7 +39,15 @@ def main() -> None:
             packing=load_packing(PREPARED),
             config={"finetune": p.finetune.model_dump(), "from": str(STUDENT), "seed": p.seed},
         )
-        result = train_and_save(job, labeled, val, classes=classes, seed=p.seed, runtime=runtime)
+        result = train_and_save(
+            job,
+            labeled,
+            val,
+            classes=classes,
+            seed=p.seed,
+            runtime=runtime,
+            state=Path(".sstl-state/train/finetune.pt"),  # per-epoch resume state: git-ignored, not a DVC output
+        )
     if rank == 0:
         print(f"finetune: val_loss={result.best_val_loss:.4f} val_acc={result.best_val_acc:.4f} -> {MODEL}")
 

@@ -2,7 +2,9 @@
 
 from pathlib import Path
 
-from sstl import tracking
+import _checkout  # noqa: F401  (this checkout's src/ first: see stages/_checkout.py)
+
+from sstl import health, tracking
 from sstl.dataset import load_images
 from sstl.errors import stage_main
 from sstl.files import write_csv
@@ -30,11 +32,16 @@ def main() -> None:
         p.mlflow.experiment,
         {"seed": p.seed, **runtime.describe(), "pretrain": p.pretrain.model_dump()},
     ):
-        model, model_cfg, result = pretrain_rotation(pool, p.pretrain, p.seed, tracking.log_epoch, runtime)
+        model, model_cfg, result = pretrain_rotation(
+            pool, p.pretrain, p.seed, tracking.log_epoch, runtime, state=Path(".sstl-state/train/pretrain.pt")
+        )
         save_checkpoint(MODEL, model, model_cfg, list(ROTATIONS), int(pool.shape[1]), config=p.pretrain.model_dump())
         write_csv(CURVE, [{k: v for k, v in row.items() if k != "seconds"} for row in result.history])
         tracking.log_metrics({"rotation_val_acc": result.best_val_acc, "train_seconds": result.seconds})
+        warnings = [w for w in [health.at_chance(result.best_val_acc, len(ROTATIONS))] if w]
+        tracking.set_tags({"sstl.warnings": "; ".join(warnings) or "none"})
     print(f"pretrain: rotation val_acc={result.best_val_acc:.4f} -> {MODEL}")
+    health.warn("pretrain", warnings)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ Under torchrun every process trains on its share of each batch (DDP); rank 0 wri
 
 from pathlib import Path
 
+import _checkout  # noqa: F401  (this checkout's src/ first: see stages/_checkout.py)
+
 from sstl import tracking
 from sstl.dataset import ImageSet, load_classes, load_packing, load_split
 from sstl.errors import stage_main
@@ -62,6 +64,7 @@ def main() -> None:
             augment=augment,
             augment_head=p.student.augment.head_phase,
             feature_cache=FEATURES,
+            state=Path(".sstl-state/train/student.pt"),  # per-epoch resume state: git-ignored, not a DVC output
         )
     if rank == 0:
         print(f"student: val_loss={result.best_val_loss:.4f} val_acc={result.best_val_acc:.4f} -> {MODEL}")

@@ -6,6 +6,8 @@ of each batch (DDP) and rank 0 writes the model and logs to MLflow.
 
 from pathlib import Path
 
+import _checkout  # noqa: F401  (this checkout's src/ first: see stages/_checkout.py)
+
 from sstl import tracking
 from sstl.dataset import load_classes, load_packing, load_split
 from sstl.errors import stage_main
@@ -46,7 +48,14 @@ def main() -> None:
             config={"teacher": cfg.model_dump(), "seed": p.seed},
         )
         result = train_and_save(
-            job, labeled, val, classes=classes, seed=p.seed, runtime=runtime, feature_cache=FEATURES
+            job,
+            labeled,
+            val,
+            classes=classes,
+            seed=p.seed,
+            runtime=runtime,
+            feature_cache=FEATURES,
+            state=Path(".sstl-state/train/teacher.pt"),  # per-epoch resume state: git-ignored, not a DVC output
         )
     if rank == 0:
         print(f"teacher: val_loss={result.best_val_loss:.4f} val_acc={result.best_val_acc:.4f} -> {MODEL}")

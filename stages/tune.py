@@ -4,7 +4,10 @@ With tune.frozen_backbone the trials train the head alone on backbone features c
 (cached in FEATURES, which the teacher stage reuses for its own phase 1).
 """
 
+import shutil
 from pathlib import Path
+
+import _checkout  # noqa: F401  (this checkout's src/ first: see stages/_checkout.py)
 
 from sstl import tracking
 from sstl.dataset import load_classes, load_split
@@ -19,6 +22,7 @@ PREPARED = Path("data/prepared")
 PRETRAIN = Path("models/pretrain.pt")
 OUT = Path("reports/tune")
 FEATURES = Path(".sstl-state/features")
+STATE = Path(".sstl-state/tune")
 
 
 @stage_main
@@ -40,12 +44,14 @@ def main() -> None:
             runtime=runtime,
             frozen_backbone=p.tune.frozen_backbone,
             feature_cache=FEATURES,
+            state_dir=STATE,  # finished trials + the running trial's epochs: resume after a kill
         )
         best = best_params(trials, list(p.tune.space))
         write_csv(OUT / "trials.csv", trials)
         write_csv(OUT / "convergence.csv", [{k: t[k] for k in ("trial", "val_loss", "best_so_far")} for t in trials])
         write_json(OUT / "best_params.json", best)
         tracking.log_artifacts(OUT)
+    shutil.rmtree(STATE, ignore_errors=True)  # done: `dvc repro -f tune` searches again rather than replays
     print(f"tune: best of {len(trials)} trials: val_loss={min(t['val_loss'] for t in trials):.4f} {best}")
 
 

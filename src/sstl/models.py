@@ -364,8 +364,9 @@ def save_checkpoint(
         "git_commit": git_commit(),
         **meta,
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    # a file object: torch names its zip folder `archive`, not after the random temp name: equal bytes
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
+        torch.save(payload, f)
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[Classifier, dict[str, Any]]:

@@ -50,8 +50,12 @@ def pretrain_rotation(
     seed: int,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     runtime: Runtime = CPU,
+    *,
+    state: Path | None = None,
 ) -> tuple[Classifier, ModelConfig, FitResult]:
-    """Train `cfg.arch` on the rotation pretext task over (a sample of) the pool, uint8 (N, S, S, 3)."""
+    """Train `cfg.arch` on the rotation pretext task over (a sample of) the pool, uint8 (N, S, S, 3).
+
+    `state`: fit's per-epoch resumable state (a killed pretraining resumes after its last epoch)."""
     rng = np.random.default_rng(seed)
     n = len(pool) if cfg.max_images == 0 else min(cfg.max_images, len(pool))
     chosen = np.sort(rng.permutation(len(pool))[:n])
@@ -77,14 +81,15 @@ def pretrain_rotation(
         runtime=runtime,
         on_epoch=on_epoch,
         desc="pretrain",
+        state=state,
     )
     return model, model_cfg, result
 
 
 def write_disabled(path: Path) -> None:
     """The stage's output when pretraining is off: a marker that `resolve_weights` refuses with advice."""
-    with atomic_path(path) as tmp:
-        torch.save({"disabled": True}, tmp)
+    with atomic_path(path) as tmp, tmp.open("wb") as f:  # a file object: the same bytes every run (a path
+        torch.save({"disabled": True}, f)  # would name torch's zip folder after the random temp file)
 
 
 def resolve_weights(cfg: ModelConfigT, pretrain: Path) -> ModelConfigT:

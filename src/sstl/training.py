@@ -5,18 +5,23 @@ backbone's features, computed once, when there is no augmentation), (2) the top 
 blocks unfrozen at `finetune_lr`. Each phase: Adam, LR x0.1 when the
 validation loss plateaus, early stopping on it, and the best weights restored at the end.
 `fit` returns the per-epoch history; the caller logs it (see `tracking`).
+
+Given a `state` path, `fit` saves everything the next epoch depends on after every epoch (weights,
+optimizer, scheduler, early-stopping bookkeeping, every RNG), so a process killed at any moment
+resumes after its last finished epoch and ends with the same weights, bit for bit, as one never killed.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import albumentations as A
 import numpy as np
@@ -105,12 +110,20 @@ class Step:
 
 
 def train_epoch(
-    net: nn.Module, inputs: Inputs, labels: torch.Tensor, step: Step, *, batch_size: int, generator: torch.Generator
+    net: nn.Module,
+    inputs: Inputs,
+    labels: torch.Tensor,
+    step: Step,
+    *,
+    batch_size: int,
+    generator: torch.Generator,
+    epoch: int = 0,
 ) -> dict[str, float]:
     """One pass over shuffled `labels`' rows; under torchrun each process takes every W-th row of a batch.
 
     `net` is the trained module (the model, its head on features, or either wrapped in DDP); the caller
-    sets train/eval modes. A non-finite loss stops training with the epoch's batch and learning rate.
+    sets train/eval modes. A non-finite loss stops training with one line naming the epoch (the
+    history's number, 1-based), the batch and the learning rate: where to look, and what to lower.
     """
     rank, size = world()
     total, correct, loss_sum = 0, 0, 0.0
@@ -126,7 +139,9 @@ def train_epoch(
         loss = step.loss_fn(logits, y)
         if not _all_finite(loss):
             lr = step.optimizer.param_groups[0]["lr"]
-            raise SstlError(f"training diverged: loss {loss.item()} at batch {b + 1} (lr {lr:g}): lower the lr")
+            raise SstlError(
+                f"training diverged: loss {loss.item()} at epoch {epoch}, batch {b + 1} (lr {lr:g}): lower the lr"
+            )
         step.scaler.scale(loss).backward()
         step.scaler.step(step.optimizer)
         step.scaler.update()
@@ -175,8 +190,8 @@ def features(
             return torch.load(path, map_location="cpu", weights_only=True)
     out = infer(model, images, runtime=runtime, desc="features", features=True)
     if path is not None:
-        with atomic_path(path) as tmp:
-            torch.save(out, tmp)
+        with atomic_path(path) as tmp, tmp.open("wb") as f:  # a file object: torch names the zip folder
+            torch.save(out, f)  # "archive", not after the random temp name, so equal features give equal bytes
     return out
 
 
@@ -185,8 +200,9 @@ class FitResult:
     history: list[dict[str, float]]
     best_val_loss: float
     best_val_acc: float
-    seconds: float
+    seconds: float  # wall time of all the epochs, those of a killed run that this one resumed included
     images_seen: int
+    resumed_from_epoch: int = 0  # epochs a saved state supplied (0: trained from the start)
 
     @property
     def images_per_second(self) -> float:
@@ -207,6 +223,8 @@ def fit(
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     desc: str = "train",
     feature_cache: Path | None = None,
+    state: Path | None = None,
+    keep_state: bool = False,
 ) -> FitResult:
     """Train in the two phases; returns the history (one dict per epoch) and the best val loss.
 
@@ -215,60 +233,364 @@ def fit(
     the same features every epoch.
     `runtime` applies to every forward pass, validation included; weights stay fp32. Under torchrun,
     gradients are averaged across processes (DDP) and every process ends with the same weights.
+    `state`: after each epoch rank 0 saves a resumable state there; a later call with the same
+    arguments (same fingerprint) continues after its last epoch. Removed when fit returns, unless
+    `keep_state`: then the caller removes it (`drop_state`) once it has written what it makes of the
+    fit, so that a kill in between does not cost the whole training (the state resumes at its end).
+    `on_epoch` sees only the epochs this call trains (`history` holds the resumed ones too).
     """
     seed_everything(seed)
     model.to(runtime.device)
     generator = torch.Generator().manual_seed(seed)
+    saver = _Saver(state, generator, augment)
+    if state is not None:
+        saver.fingerprint = fingerprint(
+            model,
+            train,
+            val,
+            cfg,
+            num_classes=num_classes,
+            seed=seed,
+            runtime=runtime,
+            augment=augment,
+            augment_head=augment_head,
+        )
+    saved = saver.load(desc, cfg.head_epochs + cfg.epochs)
     weight = class_weights(train.labels, num_classes).to(runtime.device) if cfg.class_weights else None
-    loss_fn = nn.CrossEntropyLoss(weight=weight)
+    run = _Run(model, train, val, cfg, runtime, nn.CrossEntropyLoss(weight=weight), generator, saver, on_epoch)
+    if saved is not None:
+        run.history, run.seen = list(saved["history"]), saved["seen"]
+        run.start -= saved["seconds"]  # FitResult.seconds counts the killed runs' epochs too
+    resumed = len(run.history)
     n_blocks = len(model.blocks)
     phases = [(0, cfg.head_epochs, cfg.lr), (min(cfg.unfreeze_blocks, n_blocks), cfg.epochs, cfg.finetune_lr)]
-
-    history: list[dict[str, float]] = []
-    start, seen = time.perf_counter(), 0
-    bar = tqdm(total=cfg.head_epochs + cfg.epochs, desc=desc, unit="epoch", disable=None if world()[0] == 0 else True)
-    for phase, (unfrozen, epochs, lr) in enumerate(phases, start=1):
-        if epochs == 0:
-            continue
-        set_trainable(model, unfrozen)
-        noise = augment if unfrozen > 0 or augment_head else None
-        net, train_in, val_in = _phase_inputs(model, train, val, unfrozen, noise, runtime, feature_cache)
-        params = [p for p in model.parameters() if p.requires_grad]
-        step = Step(
-            torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay), loss_fn, runtime.grad_scaler(), runtime
-        )
-        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(step.optimizer, factor=0.1, patience=cfg.plateau_patience)
-        trained = _data_parallel(net, runtime)
-        best_state, stale = copy.deepcopy(model.state_dict()), 0
-        start_row = evaluate_loss(net, val_in, val.labels, runtime=runtime) if phase > 1 else None
-        phase_best = _score(start_row, cfg.monitor) if start_row else (float("inf"), float("inf"))
-        for _ in range(epochs):
-            t0 = time.perf_counter()
-            row = {"phase": phase, "lr": step.optimizer.param_groups[0]["lr"]}
-            train_mode(model, unfrozen, freeze_bn=cfg.freeze_bn)
-            row |= train_epoch(trained, train_in, train.labels, step, batch_size=cfg.batch_size, generator=generator)
-            _sync_buffers(model)
-            row |= evaluate_loss(net, val_in, val.labels, runtime=runtime)
-            row |= {"epoch": len(history) + 1, "seconds": time.perf_counter() - t0}
-            seen += len(train)
-            history.append(row)
-            if on_epoch is not None:
-                on_epoch(row)
-            bar.update(1)
-            score = _agreed(_score(row, cfg.monitor))  # every process takes rank 0's decisions
-            plateau.step(score[0])
-            if score < phase_best:
-                phase_best, stale = score, 0
-                best_state = copy.deepcopy(model.state_dict())
-            else:
-                stale += 1
-                if stale >= cfg.patience:
-                    break
-        model.load_state_dict(best_state)
-    bar.close()
+    lead = world()[0] == 0
+    with tqdm(
+        total=cfg.head_epochs + cfg.epochs, initial=resumed, desc=desc, unit="epoch", disable=None if lead else True
+    ) as run.bar:
+        try:
+            for phase, (unfrozen, epochs, lr) in enumerate(phases, start=1):
+                if epochs == 0 or (saved is not None and phase < saved["phase"]):
+                    continue  # nothing to train, or finished before the state was saved
+                here = saved if saved is not None and phase == saved["phase"] else None
+                if here is not None:  # before the phase's features: the backbone they come from
+                    model.load_state_dict(here["model"])
+                noise = augment if unfrozen > 0 or augment_head else None
+                inputs = _phase_inputs(model, train, val, unfrozen, noise, runtime, feature_cache)
+                run.phase(phase, unfrozen=unfrozen, epochs=epochs, lr=lr, inputs=inputs, saved=here)
+        except SstlError:
+            # Divergence: the state is dropped. Re-running the same arguments would replay the same epochs
+            # into the same NaN (every RNG is restored), and the advised fix, a lower lr, changes the
+            # fingerprint, so no later run could use it: keeping it would only leave a stale file behind.
+            saver.drop()
+            raise
     # the restored best weights, measured once more
     final = evaluate_loss(model, image_inputs(model, val.images, runtime), val.labels, runtime=runtime)
-    return FitResult(history, final["val_loss"], final["val_acc"], time.perf_counter() - start, seen)
+    if not keep_state:
+        saver.drop()
+    return FitResult(run.history, final["val_loss"], final["val_acc"], run.elapsed(), run.seen, resumed)
+
+
+@dataclass
+class _Stopping:
+    """One phase's early stopping: the best score and weights so far, epochs run and epochs without gain."""
+
+    best_score: tuple[float, float]  # lower is better, see _score
+    best_state: dict[str, torch.Tensor]
+    stale: int = 0
+    done: int = 0
+
+    def update(self, score: tuple[float, float], model: nn.Module) -> bool:
+        """Count a finished epoch; whether it improved (and its weights became the best)."""
+        self.done += 1
+        if score < self.best_score:
+            self.best_score, self.stale = score, 0
+            self.best_state = copy.deepcopy(model.state_dict())
+            return True
+        self.stale += 1
+        return False
+
+
+@dataclass
+class _Run:
+    """What one fit's phases share: its fixed inputs and the running history."""
+
+    model: Classifier
+    train: ImageSet
+    val: ImageSet
+    cfg: TrainConfig
+    runtime: Runtime
+    loss_fn: nn.Module
+    generator: torch.Generator
+    saver: _Saver
+    on_epoch: Callable[[dict[str, float]], None] | None
+    history: list[dict[str, float]] = field(default_factory=list)
+    seen: int = 0  # training images, summed over epochs
+    start: float = field(default_factory=time.perf_counter)
+    bar: Any = None  # tqdm over all epochs
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def phase(
+        self,
+        phase: int,
+        *,
+        unfrozen: int,
+        epochs: int,
+        lr: float,
+        inputs: tuple[nn.Module, Inputs, Inputs],
+        saved: dict[str, Any] | None,
+    ) -> None:
+        """Train up to `epochs` with `unfrozen` top blocks, from the start or from `saved`; keep the best."""
+        model, (net, _, val_in) = self.model, inputs
+        set_trainable(model, unfrozen)
+        params = [p for p in model.parameters() if p.requires_grad]
+        adam = torch.optim.Adam(params, lr=lr, weight_decay=self.cfg.weight_decay)
+        step = Step(adam, self.loss_fn, self.runtime.grad_scaler(), self.runtime)
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(adam, factor=0.1, patience=self.cfg.plateau_patience)
+        trained = _data_parallel(net, self.runtime)
+        if saved is None:
+            first = evaluate_loss(net, val_in, self.val.labels, runtime=self.runtime) if phase > 1 else None
+            stop = _Stopping(_score(first, self.cfg.monitor) if first else (math.inf, math.inf), _copy(model))
+        else:  # after the set-up: the saved RNG states already count whatever it drew
+            stop = _restore(saved, step=step, plateau=plateau, saver=self.saver)
+        while stop.done < epochs and stop.stale < self.cfg.patience:
+            row = self.epoch(phase, unfrozen=unfrozen, trained=trained, inputs=inputs, step=step)
+            score = _agreed(_score(row, self.cfg.monitor))  # every process takes rank 0's decisions
+            plateau.step(score[0])
+            improved = stop.update(score, model)
+            self.saver.save(
+                phase=phase,
+                done=stop.done,
+                stale=stop.stale,
+                best_score=list(stop.best_score),
+                model=model.state_dict(),
+                best=None if improved else stop.best_state,  # None: the best is `model` (half the bytes)
+                optimizer=adam.state_dict(),
+                scheduler=plateau.state_dict(),
+                scaler=step.scaler.state_dict(),
+                history=self.history,
+                seen=self.seen,
+                seconds=self.elapsed(),
+            )
+        model.load_state_dict(stop.best_state)
+
+    def epoch(
+        self, phase: int, *, unfrozen: int, trained: nn.Module, inputs: tuple[nn.Module, Inputs, Inputs], step: Step
+    ) -> dict[str, float]:
+        """Train one epoch, validate, append the history row and report it."""
+        net, train_in, val_in = inputs
+        t0, number = time.perf_counter(), len(self.history) + 1
+        row = {"phase": phase, "lr": step.optimizer.param_groups[0]["lr"]}
+        train_mode(self.model, unfrozen, freeze_bn=self.cfg.freeze_bn)
+        batch = self.cfg.batch_size
+        row |= train_epoch(
+            trained, train_in, self.train.labels, step, batch_size=batch, generator=self.generator, epoch=number
+        )
+        _sync_buffers(self.model)
+        row |= evaluate_loss(net, val_in, self.val.labels, runtime=self.runtime)
+        row |= {"epoch": number, "seconds": time.perf_counter() - t0}
+        self.seen += len(self.train)
+        self.history.append(row)
+        if self.on_epoch is not None:
+            self.on_epoch(row)
+        self.bar.update(1)
+        return row
+
+
+def _copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return copy.deepcopy(model.state_dict())
+
+
+STATE_VERSION = 1
+HASH_BYTES = 256 * 2**20  # data hashed per set in the fingerprint: every k-th image beyond this
+
+
+def data_digest(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """sha256 of shapes, labels and image bytes (every k-th row past HASH_BYTES): cheap next to one epoch,
+    and a changed dataset (DVC re-runs the stage for it) never resumes a state trained on the old one."""
+    h = hashlib.sha256(f"{tuple(images.shape)}:{images.dtype}:{tuple(labels.shape)}".encode())
+    h.update(labels.contiguous().numpy().tobytes())
+    stride = max(1, math.ceil(images.numel() * images.element_size() / HASH_BYTES))
+    h.update(images[::stride].contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def fingerprint(
+    model: nn.Module,
+    train: ImageSet,
+    val: ImageSet,
+    cfg: TrainConfig,
+    *,
+    num_classes: int,
+    seed: int,
+    runtime: Runtime,
+    augment: A.Compose | None,
+    augment_head: bool,
+) -> str:
+    """sha256 of what decides a fit's every step: a state saved under another one is not resumed.
+
+    The schedule, seed, starting weights, data, augmentation (and its seeded RNGs), device, precision,
+    world size and torch version: a state from any other fit would not continue this one bit for bit.
+    """
+    h = hashlib.sha256()
+    parts = (
+        cfg.model_dump_json(),
+        seed,
+        num_classes,
+        model_digest(model),
+        repr(augment),
+        augment_head,
+        _augment_rngs(augment),
+        runtime.precision,
+        runtime.describe()["device_name"],
+        world()[1],
+        torch.__version__,
+    )
+    for part in parts:
+        h.update(f"{part}\n".encode())
+    for data in (train, val):
+        h.update(data_digest(data.images, data.labels).encode())
+    return h.hexdigest()
+
+
+def _augment_nodes(augment: A.Compose | None) -> list[Any]:
+    """Every Compose and transform in the tree, in a fixed order: albumentations gives each node its own
+    numpy and python generators (seeded by Compose(seed=...)), independent of the global ones."""
+    nodes, todo = [], [] if augment is None else [augment]
+    while todo:
+        node = todo.pop(0)
+        nodes.append(node)
+        if isinstance(node, A.BaseCompose):
+            todo.extend(node.transforms)
+    return nodes
+
+
+def _augment_rngs(augment: A.Compose | None) -> list[tuple[Any, Any]]:
+    return [(n.random_generator.bit_generator.state, n.py_random.getstate()) for n in _augment_nodes(augment)]
+
+
+def rng_state(generator: torch.Generator, augment: A.Compose | None) -> dict[str, Any]:
+    """Every random stream a training epoch draws from, as plain values (loadable with weights_only)."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()  # uint32 (624,) -> ints
+    return {
+        "python": random.getstate(),
+        "numpy": numpy_state,
+        "torch": torch.get_rng_state(),
+        "shuffle": generator.get_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "augment": _augment_rngs(augment),
+    }
+
+
+def set_rng_state(saved: dict[str, Any], generator: torch.Generator, augment: A.Compose | None) -> None:
+    """Put back what `rng_state` took: the next epoch then shuffles, drops out and augments as it would have."""
+    random.setstate(saved["python"])
+    numpy_state = copy.deepcopy(saved["numpy"])
+    numpy_state["state"]["key"] = np.asarray(numpy_state["state"]["key"], dtype=np.uint32)
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(saved["torch"])
+    generator.set_state(saved["shuffle"])
+    if saved["cuda"]:
+        torch.cuda.set_rng_state_all(saved["cuda"])
+    for node, (np_rng, py_rng) in zip(_augment_nodes(augment), saved["augment"], strict=True):
+        node.random_generator.bit_generator.state = np_rng
+        node.py_random.setstate(py_rng)
+
+
+class _Saver:
+    """A fit's resumable state file: rank 0 reads and writes it, the other processes get it by broadcast.
+
+    Every process sends rank 0 its RNG states (under torchrun each draws its own dropout masks), so a
+    resumed process continues its own streams. Weights, optimizer and decisions are alike on every
+    process; the restored history is rank 0's (the one written and logged). `path` None: nothing is
+    saved or read.
+    """
+
+    def __init__(self, path: Path | None, generator: torch.Generator, augment: A.Compose | None) -> None:
+        self.path = None if path is None else Path(path)
+        self.fingerprint = ""
+        self.generator, self.augment = generator, augment
+
+    def load(self, desc: str, total: int) -> dict[str, Any] | None:
+        """The saved state if it belongs to this fit (same fingerprint); a found file gets one printed line."""
+        if self.path is None:
+            return None
+        saved = self._read(desc) if world()[0] == 0 else None
+        if saved is not None and world()[0] == 0:
+            print(f"{desc}: resuming from epoch {len(saved['history']) + 1} of {total} ({self.path})", flush=True)
+        return _from_rank0(saved)
+
+    def _read(self, desc: str) -> dict[str, Any] | None:
+        if not self.path or not self.path.is_file():
+            return None
+        try:
+            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+            if not isinstance(saved, dict) or saved.get("version") != STATE_VERSION:
+                raise ValueError("not a training state of this version")
+        except Exception as err:  # truncated, corrupt, foreign: a cache miss, never a reason to stop
+            print(f"{desc}: ignoring unreadable training state {self.path} ({type(err).__name__}): from the start")
+            return None
+        if saved.get("fingerprint") != self.fingerprint:
+            print(f"{desc}: ignoring {self.path}: saved by another run (params, data or weights differ)")
+            return None
+        return saved
+
+    def save(self, **progress: Any) -> None:
+        """Write the state after an epoch, whole or not at all (temp file, then rename)."""
+        if self.path is None:
+            return
+        rngs = _to_rank0(rng_state(self.generator, self.augment))
+        if world()[0] != 0:
+            return
+        with atomic_path(self.path) as tmp, tmp.open("wb") as f:
+            torch.save({"version": STATE_VERSION, "fingerprint": self.fingerprint, "rng": rngs, **progress}, f)
+
+    def set_rng(self, rngs: list[dict[str, Any]]) -> None:
+        set_rng_state(rngs[world()[0]], self.generator, self.augment)
+
+    def drop(self) -> None:
+        drop_state(self.path)
+
+
+def drop_state(state: Path | None) -> None:
+    """Remove a fit's state file (rank 0 owns it; a no-op elsewhere, or when there is none)."""
+    if state is not None and world()[0] == 0:
+        Path(state).unlink(missing_ok=True)
+
+
+def _restore(
+    saved: dict[str, Any], *, step: Step, plateau: torch.optim.lr_scheduler.ReduceLROnPlateau, saver: _Saver
+) -> _Stopping:
+    """Put a saved phase back: optimizer, scheduler, grad scaler and every RNG; its early-stopping state."""
+    step.optimizer.load_state_dict(saved["optimizer"])
+    plateau.load_state_dict(saved["scheduler"])
+    step.scaler.load_state_dict(saved["scaler"])
+    saver.set_rng(saved["rng"])
+    best = saved["best"] if saved["best"] is not None else copy.deepcopy(saved["model"])
+    low, tie = saved["best_score"]
+    return _Stopping((low, tie), best, stale=saved["stale"], done=saved["done"])
+
+
+def _to_rank0(obj: Any) -> list[Any]:
+    """[every process's obj] on rank 0 (by rank); [] elsewhere. One process: [obj]."""
+    rank, size = world()
+    if size == 1:
+        return [obj]
+    out: list[Any] | None = [None] * size if rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out or []
+
+
+def _from_rank0(obj: Any) -> Any:
+    """Rank 0's obj on every process."""
+    if world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _phase_inputs(

@@ -2,18 +2,26 @@
 
 The space is declared in params.yaml (`tune.space`), one entry per teacher key:
 `{low, high}` (integers when both are integers), optionally `prior: log-uniform`, or `{values: [...]}`.
+
+A search given a `state` file records every finished trial there; a search restarted after a kill
+replays them (the optimizer is asked and told the same points, so it suggests the same next ones)
+and continues with the first unfinished trial.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
 from skopt import Optimizer
 from skopt.space import Categorical, Dimension, Integer, Real
+
+from sstl.files import write_json
 
 
 class SpaceEntry(BaseModel):
@@ -55,10 +63,16 @@ def search(
     n_random: int,
     n_guided: int,
     seed: int,
+    *,
+    state: Path | None = None,
+    fingerprint: str = "",
 ) -> list[dict[str, Any]]:
     """Run n_random + n_guided trials; `objective(trial, params)` returns at least {"val_loss": ...}.
 
     Returns one row per trial: trial, kind, the params, the objective's figures, seconds, best_so_far.
+    `state`: finished trials are saved there (with `fingerprint`, which names the search and its
+    data) and replayed by a restarted search with the same fingerprint. The file is kept when the
+    search ends: a kill while the caller writes its outputs must not cost the whole search.
     """
     names = list(space)
     opt = Optimizer(
@@ -68,28 +82,50 @@ def search(
         initial_point_generator="random",
         random_state=seed,
     )
+    total = n_random + n_guided
+    done = _finished_trials(state, fingerprint, total)
     trials: list[dict[str, Any]] = []
     best = math.inf
-    for trial in range(n_random + n_guided):
-        point = opt.ask()
+    for trial in range(total):
+        point = opt.ask()  # replayed trials are asked too: skopt's RNG must advance as it did
         params = {n: _plain(v) for n, v in zip(names, point, strict=True)}
-        t0 = time.perf_counter()
-        result = objective(trial, params)
-        seconds = time.perf_counter() - t0
-        loss = result["val_loss"] if math.isfinite(result["val_loss"]) else 1e6  # diverged: a bad score
+        if trial < len(done) and {n: done[trial][n] for n in names} != params:
+            print(f"tune: trial {trial} asked other params than {state} records: continuing without it")
+            done = done[:trial]
+        if trial < len(done):
+            row = done[trial]
+        else:
+            t0 = time.perf_counter()
+            result = objective(trial, params)
+            row = {"trial": trial, "kind": "random" if trial < n_random else "guided", **params, **result}
+            row["seconds"] = round(time.perf_counter() - t0, 3)
+        loss = row["val_loss"] if math.isfinite(row["val_loss"]) else 1e6  # diverged: a bad score
         opt.tell(point, loss)
         best = min(best, loss)
-        trials.append(
-            {
-                "trial": trial,
-                "kind": "random" if trial < n_random else "guided",
-                **params,
-                **result,
-                "seconds": round(seconds, 3),
-                "best_so_far": best,
-            }
-        )
+        trials.append(row | {"best_so_far": best})
+        if state is not None and trial >= len(done):
+            write_json(state, {"fingerprint": fingerprint, "trials": trials})  # whole or not at all
     return trials
+
+
+def _finished_trials(state: Path | None, fingerprint: str, total: int) -> list[dict[str, Any]]:
+    """The trials a killed search with the same fingerprint finished; [] when there is none (one line says why)."""
+    if state is None or not Path(state).is_file():
+        return []
+    try:
+        saved = json.loads(Path(state).read_text(encoding="utf-8"))
+        rows = saved["trials"]
+        if not isinstance(rows, list):
+            raise TypeError("trials is not a list")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        print(f"tune: ignoring unreadable {state} ({type(err).__name__}): searching from the first trial")
+        return []
+    if saved.get("fingerprint") != fingerprint:
+        print(f"tune: ignoring {state}: saved by another search (params, seed or data differ)")
+        return []
+    rows = rows[:total]
+    print(f"tune: resuming after trial {len(rows)} of {total} ({state})", flush=True)
+    return rows
 
 
 def best_params(trials: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:

@@ -7,6 +7,8 @@ figures to `tracking`, so no training loop ever talks to MLflow itself.
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,14 +20,14 @@ import torch
 
 from sstl import tracking
 from sstl.dataset import ImageSet, load_images
-from sstl.files import write_csv
+from sstl.files import check_writable, write_csv
 from sstl.inference import infer
 from sstl.metrics import classification_report
 from sstl.models import Classifier, ModelConfig, create_model, save_checkpoint
 from sstl.params import TeacherParams
 from sstl.pseudolabel import SelectConfig, file_digest, select_pool
 from sstl.runtime import CPU, Runtime, world
-from sstl.training import FitResult, TrainConfig, fit, seed_everything
+from sstl.training import FitResult, TrainConfig, data_digest, drop_state, fit, seed_everything
 from sstl.tune import SpaceEntry, search
 
 
@@ -75,10 +77,19 @@ def train_and_save(
     augment: A.Compose | None = None,
     augment_head: bool = True,
     feature_cache: Path | None = None,
+    state: Path | None = None,
 ) -> FitResult:
     """Fit, then (on rank 0) write the checkpoint, with its resolved config and runtime, and the per-epoch
-    curve; log both. Under torchrun every process trains; one writes."""
+    curve; log both. Under torchrun every process trains; one writes.
+
+    `state`: fit's per-epoch resumable state. It is removed only once everything here is written and
+    logged, so a kill during the checkpoint or the MLflow upload resumes at the end of training."""
     lead = world()[0] == 0
+    if lead:  # fail now, not after the training, when the checkpoint or the epoch state cannot be written
+        model_mb = sum(t.numel() * t.element_size() for t in job.model.state_dict().values()) / 2**20
+        check_writable(job.checkpoint, job.curve, need_mb=1.1 * model_mb)
+        if state is not None:  # weights, best weights, Adam's two moments
+            check_writable(state, need_mb=4.4 * model_mb)
     result = fit(
         job.model,
         train,
@@ -92,9 +103,13 @@ def train_and_save(
         on_epoch=tracking.log_epoch if lead else None,
         desc=job.checkpoint.stem,
         feature_cache=feature_cache,
+        state=state,
+        keep_state=True,
     )
     if not lead:
         return result
+    for row in result.history[: result.resumed_from_epoch]:  # trained by a killed run: this run's curve too
+        tracking.log_epoch(row)
     save_checkpoint(
         job.checkpoint,
         job.model,
@@ -106,10 +121,10 @@ def train_and_save(
         interpolation=job.packing.get("interpolation", job.model.data.interpolation),
     )
     write_csv(job.curve, [{k: v for k, v in row.items() if k != "seconds"} for row in result.history])
-    tracking.log_metrics(fit_summary(result) | fit_speed(result))
+    tracking.log_metrics(fit_summary(result) | fit_speed(result) | {"resumed_from_epoch": result.resumed_from_epoch})
     tracking.log_artifacts(job.curve)
     job.model.cpu()
-    tracking.log_model(job.model, job.model.preprocess(val.images[:2]).numpy())
+    drop_state(state)
     return result
 
 
@@ -125,15 +140,24 @@ def tune_teacher(
     runtime: Runtime = CPU,
     frozen_backbone: bool = False,
     feature_cache: Path | None = None,
+    state_dir: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Search `space` around `teacher` with (n_random, n_guided) `trials`; each trains a teacher and is
-    logged as a nested run. `frozen_backbone`: trials train the head only (phase 1, on cached features)."""
+    logged as a nested run. `frozen_backbone`: trials train the head only (phase 1, on cached features).
+
+    `state_dir`: finished trials go to `trials.json` there, the running trial's epochs to
+    `trial-NN.pt`, so a killed search resumes inside its current trial. Returned rows hold no wall
+    time (the stage writes them to DVC-tracked files that must not change from run to run): each
+    trial's seconds go to MLflow."""
+    ran: set[int] = set()  # trials trained here; the others were replayed from trials.json
 
     def objective(trial: int, overrides: dict[str, Any]) -> dict[str, float]:
+        ran.add(trial)
         cfg = TeacherParams.model_validate({**teacher.model_dump(), **overrides})
         schedule = cfg.schedule()
         if frozen_backbone:
             schedule = schedule.model_copy(update={"epochs": 0, "head_epochs": max(schedule.head_epochs, 1)})
+        _drop_trial_states(state_dir, before=trial)  # earlier trials are in trials.json by now
         with tracking.trial_run(trial, overrides):
             model = build_model(cfg.model(), num_classes, seed)
             result = fit(
@@ -147,15 +171,83 @@ def tune_teacher(
                 on_epoch=tracking.log_epoch,
                 desc=f"trial {trial}",
                 feature_cache=feature_cache,
+                state=None if state_dir is None else state_dir / f"trial-{trial:02d}.pt",
+                keep_state=True,  # until search has recorded the trial: see _drop_trial_states
             )
+            for row in result.history[: result.resumed_from_epoch]:
+                tracking.log_epoch(row)
             figures = {"val_loss": result.best_val_loss, "val_acc": result.best_val_acc}
-            tracking.log_metrics(figures)
+            tracking.log_metrics(figures | {"resumed_from_epoch": result.resumed_from_epoch})
         return figures
 
-    found = search(space, objective, trials[0], trials[1], seed)
+    fingerprint = _tune_fingerprint(
+        teacher,
+        space,
+        labeled,
+        val,
+        num_classes=num_classes,
+        trials=trials,
+        seed=seed,
+        runtime=runtime,
+        frozen_backbone=frozen_backbone,
+    )
+    found = search(
+        space,
+        objective,
+        trials[0],
+        trials[1],
+        seed,
+        state=None if state_dir is None else state_dir / "trials.json",
+        fingerprint=fingerprint,
+    )
+    _drop_trial_states(state_dir, before=len(found))
+    _log_trials(found, ran, list(space))
+    return [{k: v for k, v in t.items() if k != "seconds"} for t in found]
+
+
+def _log_trials(found: list[dict[str, Any]], ran: set[int], names: list[str]) -> None:
+    """Per-trial figures (with wall seconds) on the tune run; a replayed trial, whose nested run was
+    left by a killed process, gets a nested run here with its params and figures."""
     for t in found:
-        tracking.log_metrics({"trial_val_loss": t["val_loss"], "best_so_far": t["best_so_far"]}, step=t["trial"])
-    return found
+        if t["trial"] not in ran:
+            with tracking.trial_run(t["trial"], {n: t[n] for n in names}):
+                tracking.log_metrics({"val_loss": t["val_loss"], "val_acc": t["val_acc"], "replayed": 1})
+        figures = {"trial_val_loss": t["val_loss"], "best_so_far": t["best_so_far"], "trial_seconds": t["seconds"]}
+        tracking.log_metrics(figures, step=t["trial"])
+
+
+def _tune_fingerprint(
+    teacher: TeacherParams,
+    space: dict[str, SpaceEntry],
+    labeled: ImageSet,
+    val: ImageSet,
+    *,
+    num_classes: int,
+    trials: tuple[int, int],
+    seed: int,
+    runtime: Runtime,
+    frozen_backbone: bool,
+) -> str:
+    """sha256 naming a search: its params, seed, data, starting weights and runtime. Finished trials of
+    another search are not replayed."""
+    h = hashlib.sha256()
+    if Path(teacher.weights).is_file():  # e.g. the pretrain stage's checkpoint: its path stays, its bytes change
+        h.update(file_digest(teacher.weights).encode())
+    spec = {n: e.model_dump() for n, e in space.items()}
+    parts = (teacher.model_dump_json(), json.dumps(spec, sort_keys=True), num_classes, trials, seed, frozen_backbone)
+    for part in (*parts, runtime.precision, runtime.describe()["device_name"], torch.__version__):
+        h.update(f"{part}\n".encode())
+    for data in (labeled, val):
+        h.update(data_digest(data.images, data.labels).encode())
+    return h.hexdigest()
+
+
+def _drop_trial_states(state_dir: Path | None, *, before: int) -> None:
+    """Remove the per-epoch states of trials < `before`: search has recorded them as finished."""
+    if state_dir is None:
+        return
+    for trial in range(before):
+        drop_state(state_dir / f"trial-{trial:02d}.pt")
 
 
 def pseudolabel(
