@@ -25,7 +25,7 @@ from torch import nn
 
 from sstl.errors import SstlError
 from sstl.files import atomic_path
-from sstl.provenance import git_commit
+from sstl.provenance import code_digest
 from sstl.weights import imagenet_state_dict
 
 # ImageNet statistics: the input scale of torchvision's backbones and sstl's small CNNs; timm backbones bring theirs.
@@ -354,14 +354,14 @@ def train_mode(model: Classifier, unfreeze_blocks: int, *, freeze_bn: bool = Fal
 def save_checkpoint(
     path: Path, model: Classifier, cfg: ModelConfig, classes: list[str], image_size: int, **meta: Any
 ) -> None:
-    """Weights plus all it takes to rebuild and use them: config, classes, preprocessing, git commit."""
+    """Weights plus all it takes to rebuild and use them: config, classes, preprocessing, code digest."""
     payload = {
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "model": cfg.model_dump(),
         "classes": classes,
         "image_size": image_size,
         "data": model.data.model_dump(),  # mean, std, interpolation: how predict must read images
-        "git_commit": git_commit(),
+        "code_sha256": code_digest(),  # not the commit: a results-only commit must not change the bytes
         **meta,
     }
     # a file object: torch names its zip folder `archive`, not after the random temp name: equal bytes

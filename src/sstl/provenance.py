@@ -33,3 +33,14 @@ def pipeline_id(params_file: Path | str = "params.yaml") -> str:
     text = Path(params_file).read_bytes() if Path(params_file).is_file() else b""
     key = f"{dvc_experiment()}|{git_commit()}|".encode() + text
     return hashlib.sha256(key).hexdigest()[:12]
+
+
+def code_digest(root: Path | str | None = None) -> str:
+    """sha256 over the library and stage sources (path and bytes, sorted): the code a checkpoint was
+    made with. Unlike the commit, it stays the same when a later commit only records results, so
+    outputs re-made from the same code are the same bytes; MLflow runs carry the commit beside it."""
+    base = Path(root) if root is not None else Path(__file__).resolve().parents[2]
+    h = hashlib.sha256()
+    for path in sorted([*base.glob("src/sstl/**/*.py"), *base.glob("stages/*.py")]):
+        h.update(path.relative_to(base).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()

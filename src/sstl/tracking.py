@@ -26,7 +26,7 @@ import mlflow
 import torch
 from mlflow.tracking import MlflowClient
 
-from sstl.provenance import dvc_experiment, git_commit, pipeline_id
+from sstl.provenance import code_digest, dvc_experiment, git_commit, pipeline_id
 from sstl.runtime import world
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # offline machines: nothing to send home
@@ -181,6 +181,7 @@ def stage_run(stage: str, experiment: str, params: Mapping[str, Any], rank: int 
         "sstl.pipeline": pid,
         "sstl.kind": "stage",
         "git_commit": git_commit(),
+        "code_sha256": code_digest(),
         "dvc_experiment": dvc_experiment(),
         **_process_tags(),
         **environment_tags(),
