@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -17,3 +21,22 @@ def _mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> None:
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
     yield
     mp.undo()
+
+
+def finishes(fn: Callable[[], T], seconds: float = 60) -> T:
+    """fn() run in a thread that must end within `seconds`: a FIFO opened for reading would block."""
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["value"] = fn()
+        except BaseException as err:  # re-raised in the test's thread
+            result["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still blocked after {seconds} s (a FIFO opened for reading?)"
+    if "error" in result:
+        raise result["error"]
+    return result["value"]

@@ -13,18 +13,15 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pytest
+from conftest import finishes
 from PIL import Image
 
 from sstl.images import UnreadableImage, clean_message, decode, is_hidden, read_file, walk
-
-T = TypeVar("T")
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 
@@ -215,25 +212,6 @@ def test_unreadable_message_is_one_line() -> None:
 
 
 # ---------------------------------------------------------------- reading users' folders safely
-
-
-def finishes(fn: Callable[[], T], seconds: float = 20) -> T:
-    """fn() run in a thread that must end within `seconds`: a FIFO opened for reading would block."""
-    result: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            result["value"] = fn()
-        except BaseException as err:  # re-raised in the test's thread
-            result["error"] = err
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"still blocked after {seconds} s (a FIFO opened for reading?)"
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
 
 
 def unblock(fifo: Path) -> None:

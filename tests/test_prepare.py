@@ -11,15 +11,14 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pytest
 import yaml
+from conftest import finishes
 from PIL import Image
 
 from sstl.dataset import SPLITS, load_classes, load_split
@@ -27,8 +26,6 @@ from sstl.errors import SstlError
 from sstl.files import read_csv, read_json
 from sstl.images import decode
 from sstl.prepare import fingerprint, folder_inventory, prepare_folder, refresh_inventory, skip_report, stratified_split
-
-T = TypeVar("T")
 
 CLASSES = ("ant", "bee", "cat")
 SIZE = 8
@@ -344,25 +341,6 @@ def test_test_add_built_from_corrupted_test_images(folder: Path, tmp_path: Path)
 
 
 # ---------------------------------------------------------------- users' real folders: bad entries, litter
-
-
-def finishes(fn: Callable[[], T], seconds: float = 60) -> T:
-    """fn() run in a thread that must end within `seconds`: a FIFO opened for reading would block."""
-    result: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            result["value"] = fn()
-        except BaseException as err:  # re-raised in the test's thread
-            result["error"] = err
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"still blocked after {seconds} s (a FIFO opened for reading?)"
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
 
 
 def unprivileged() -> list[str] | None:
