@@ -106,6 +106,9 @@ def test_photo_profile_trains_on_real_photos_with_imagenet_weights(
     # (seen: teacher 0.75, fine-tuned 0.875 of 24 test photos; chance is 0.33)
     for model in ("teacher", "finetuned"):
         assert metrics[model]["test"]["accuracy"] >= chance + 0.25, metrics
+    # the folder has no test-add/: the split is left out and named, never NaN accuracy
+    assert all(set(per_split) == {"test"} for per_split in metrics.values()), metrics
+    assert "left out: test-add" in (repo / "reports/summary.md").read_text()
     teacher = torch.load(repo / "models/teacher.pt", map_location="cpu", weights_only=True)
     assert tuple(teacher["data"]["mean"]) == (0.5, 0.5, 0.5), "lite's own normalisation, recorded"
     assert teacher["interpolation"] == "bicubic" and teacher["image_size"] == 64
