@@ -325,7 +325,8 @@ def render(r: dict[str, Any]) -> str:
         "0.5 s to 90 % of the stage's reference duration after DVC starts it (process group, SIGKILL); the "
         "re-run is a plain `dvc repro --no-run-cache`. Work lost: seconds since the stage's last saved state "
         "(or its start) at the kill.",
-        f"Machine: {r['machine']}; date {r['date']}; commit {r['commit']}; total {r['total_minutes']} min.",
+        f"Machine: {r['machine']}; date {r['date']}; commit {r['commit']}; {r.get('environment', '')}; "
+        f"total {r['total_minutes']} min.",
         "",
         "| stage | stage s (reference) | faults | resumed | re-run ok | outputs + metrics identical | "
         "dvc.lock damaged | work lost s (mean / max) |",
@@ -339,9 +340,9 @@ def render(r: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "Identical: every DVC output as in the reference (md5; a .pt file whose bytes differ counts when its "
-        "content, weights and metadata, is equal: torch.save names its zip folder after the temp file it writes) "
-        "and reports/metrics.json byte for byte.",
+        "Identical: every DVC output as in the reference (md5 in dvc.lock) and reports/metrics.json byte for "
+        "byte; the JSON lists under `same_content_other_bytes` any .pt whose bytes differ but whose weights and "
+        "metadata are equal (none since checkpoints are written through a file object).",
         "Faults that land before the stage's first state save (its process still starting) resume nothing "
         "and lose only that start; `missed` in the JSON counts kills that came after the stage had ended.",
     ]

@@ -20,6 +20,14 @@ def machine() -> str:
 
 
 def stamp() -> dict[str, str]:
-    """machine, UTC date and short git commit."""
+    """machine, UTC date, short git commit and the environment: torch's build and the lock file's digest."""
+    from sstl.environment import describe
+
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return {"machine": machine(), "date": datetime.now(timezone.utc).date().isoformat(), "commit": out.stdout.strip()}
+    env = describe(ROOT / "requirements.lock")
+    return {
+        "machine": machine(),
+        "date": datetime.now(timezone.utc).date().isoformat(),
+        "commit": out.stdout.strip(),
+        "environment": f"torch {env['torch']}, requirements.lock {env['lock_sha256']}",
+    }
