@@ -69,3 +69,49 @@ def test_a_new_import_is_drift_and_sstl_deps_fixes_it_keeping_comments(tmp_path:
     assert "src/sstl/extra.py" in stages["demo"]["deps"]
     assert "src/sstl/extra.py" not in stages["evaluate"]["deps"]
     assert write_deps(tmp_path / "dvc.yaml") == []  # idempotent
+
+
+def test_sstl_deps_adds_code_deps_to_a_stage_that_lists_none_and_reads_commented_headers(tmp_path: Path) -> None:
+    _package(
+        tmp_path,
+        {
+            "stages/go.py": "from sstl.a import f\n",
+            "stages/other.py": "import sys\n",
+            "src/sstl/__init__.py": "",
+            "src/sstl/a.py": "def f():\n    return 1\n",
+        },
+    )
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n"
+        "  other:  # listed first, already right\n"
+        "    cmd: python stages/other.py\n"
+        "    deps:\n"
+        "      - stages/other.py\n"
+        "  go:  # a comment on the header\n"
+        "    cmd: python stages/go.py\n"
+        "    deps:\n"
+        "      - data/x\n"
+    )
+    assert write_deps(tmp_path / "dvc.yaml") == ["go"]
+    stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
+    assert stages["go"]["deps"] == ["src/sstl/__init__.py", "src/sstl/a.py", "stages/go.py", "data/x"]
+    assert stages["other"]["deps"] == ["stages/other.py"]
+
+
+def test_the_code_digest_of_a_stage_changes_with_its_deps_only(tmp_path: Path) -> None:
+    from sstl.provenance import code_digest
+
+    _package(
+        tmp_path,
+        {
+            "stages/go.py": "from sstl.a import f\n",
+            "src/sstl/__init__.py": "",
+            "src/sstl/a.py": "def f():\n    return 1\n",
+            "src/sstl/cli.py": "X = 1\n",
+        },
+    )
+    first = code_digest(tmp_path / "stages/go.py")
+    (tmp_path / "src/sstl/cli.py").write_text("X = 2\n")  # not run by the stage: same digest, same checkpoint
+    assert code_digest(tmp_path / "stages/go.py") == first
+    (tmp_path / "src/sstl/a.py").write_text("def f():\n    return 2\n")
+    assert code_digest(tmp_path / "stages/go.py") != first

@@ -71,7 +71,10 @@ def check_lock(lock: Path = Path("dvc.lock")) -> None:
         content = None
     if isinstance(content, dict) and "stages" in content:
         return
-    tracked = subprocess.run(["git", "ls-files", "--error-unmatch", str(lock)], capture_output=True).returncode == 0
+    try:
+        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", str(lock)], capture_output=True).returncode == 0
+    except OSError:  # no git
+        tracked = False
     fix = f"git checkout -- {lock}" if tracked else f"rm {lock} (the next run re-runs every stage)"
     raise SstlError(f"{lock} is empty or unreadable (a run was killed while DVC wrote it): restore it with `{fix}`")
 

@@ -96,25 +96,25 @@ def drift(dvc_yaml: Path) -> dict[str, tuple[list[str], list[str]]]:
 
 
 def write_deps(dvc_yaml: Path) -> list[str]:
-    """Rewrite each stage's code deps in `dvc.yaml` from its imports (other lines, comments included,
-    stay as they are); returns the stages that changed."""
+    """Rewrite each stage's code deps in `dvc.yaml` from its imports, right after its `deps:` line (other
+    lines, comments included, stay as they are); returns the stages whose deps were rewritten."""
     lines = dvc_yaml.read_text(encoding="utf-8").splitlines(keepends=True)
-    changed, scripts = list(drift(dvc_yaml)), stage_scripts(dvc_yaml)
-    stage, done, out = None, set(), []
+    changed, scripts = set(drift(dvc_yaml)), stage_scripts(dvc_yaml)
+    stage, done, out = None, [], []
     for line in lines:
-        text = line.strip()
+        text = line.split("#")[0].rstrip()
         if line.startswith("  ") and not line.startswith("   ") and text.endswith(":"):
-            stage = text[:-1]
-        item = text[2:].split("#")[0].strip() if text.startswith("- ") else ""
+            stage = text.strip()[:-1]
+        item = text.strip()[2:].strip() if text.strip().startswith("- ") else ""
         if stage in changed and item.split("/")[0] in ("stages", "src"):
-            if stage not in done:  # the first code dep listed: the whole derived list goes here
-                indent = line[: len(line) - len(line.lstrip())]
-                out += [f"{indent}- {d}\n" for d in code_deps(scripts[stage], dvc_yaml.parent)]
-                done.add(stage)
-            continue
+            continue  # the derived list replaces every listed code dep
         out.append(line)
-    if changed:
+        if stage in changed and text.strip() == "deps:" and stage not in done:
+            indent = " " * (len(line) - len(line.lstrip()) + 2)
+            out += [f"{indent}- {d}\n" for d in code_deps(scripts[stage], dvc_yaml.parent)]
+            done.append(stage)
+    if done:
         from sstl.files import write_text
 
         write_text(dvc_yaml, "".join(out))
-    return changed
+    return done

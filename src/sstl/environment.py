@@ -56,13 +56,15 @@ def _cuda() -> dict[str, str]:
     try:
         import torch
     except ImportError:
-        return {"torch_cuda": NONE, "cuda_available": "false", "gpu": NONE}
+        return {"torch_cuda": NONE, "cuda_available": "false", "gpu": NONE, "gpu_count": "0"}
     available = torch.cuda.is_available()
     return {
         "torch": torch.__version__,  # with its build tag (2.14.1+cu130, 2.14.1+cpu); the metadata has none
         "torch_cuda": torch.version.cuda or NONE,  # the CUDA torch was built for; none for a CPU-only build
         "cuda_available": str(available).lower(),
-        "gpu": torch.cuda.get_device_name(0) if available else NONE,
+        # the name only where CUDA is already up: asking would start a CUDA context on GPU 0 for CPU runs
+        "gpu": torch.cuda.get_device_name(0) if available and torch.cuda.is_initialized() else NONE,
+        "gpu_count": str(torch.cuda.device_count()),  # NVML: no CUDA context
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -44,7 +45,13 @@ def stage_main(fn: Callable[[], T]) -> Callable[[], T]:
         except OSError as err:
             if err.errno not in WRITE_ERRORS or not err.filename:
                 raise
-            print(f"error: {write_error(Path(err.filename), err.errno)}", file=sys.stderr)
+            if err.errno in (errno.EACCES, errno.EPERM):  # a read or a write: name the file, not the disk
+                print(
+                    f"error: cannot access {err.filename}: {WRITE_ERRORS[err.errno]}: check its permissions",
+                    file=sys.stderr,
+                )
+            else:  # full, over quota or read-only: the folder and its free space
+                print(f"error: {write_error(Path(err.filename), err.errno)}", file=sys.stderr)
             raise SystemExit(1) from None
 
     return wrapper

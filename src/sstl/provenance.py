@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 
@@ -35,12 +36,21 @@ def pipeline_id(params_file: Path | str = "params.yaml") -> str:
     return hashlib.sha256(key).hexdigest()[:12]
 
 
-def code_digest(root: Path | str | None = None) -> str:
-    """sha256 over the library and stage sources (path and bytes, sorted): the code a checkpoint was
-    made with. Unlike the commit, it stays the same when a later commit only records results, so
-    outputs re-made from the same code are the same bytes; MLflow runs carry the commit beside it."""
-    base = Path(root) if root is not None else Path(__file__).resolve().parents[2]
+def code_digest(script: Path | str | None = None) -> str:
+    """sha256 over the code the running stage executes: exactly its DVC code deps (its script and the
+    closure of its imports, `sstl.codedeps`), path and bytes. It changes exactly when DVC re-runs the
+    stage, unlike the commit, which a results-only commit changes, so re-made outputs keep their bytes.
+    Outside a stage script (a test, a notebook): the whole package. MLflow runs carry the commit."""
+    from sstl.codedeps import code_deps
+
+    script = Path(script if script is not None else sys.argv[0]).resolve()
+    root = script.parents[1] if len(script.parents) > 1 else script.parent
+    if script.parent.name == "stages" and (root / "src" / "sstl").is_dir() and script.is_file():
+        files = [root / f for f in code_deps(script, root)]
+    else:
+        package = Path(__file__).resolve().parent
+        root, files = package.parent, sorted(package.rglob("*.py"))
     h = hashlib.sha256()
-    for path in sorted([*base.glob("src/sstl/**/*.py"), *base.glob("stages/*.py")]):
-        h.update(path.relative_to(base).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    for path in files:
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()

@@ -123,6 +123,8 @@ def train_and_save(
     write_csv(job.curve, [{k: v for k, v in row.items() if k != "seconds"} for row in result.history])
     tracking.log_metrics(fit_summary(result) | fit_speed(result) | {"resumed_from_epoch": result.resumed_from_epoch})
     tracking.log_artifacts(job.curve)
+    # the model itself stays in DVC (stored once); the run names which file it made
+    tracking.set_tags({"checkpoint": job.checkpoint, "checkpoint_sha256": file_digest(job.checkpoint)})
     job.model.cpu()
     drop_state(state)
     return result
