@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -40,3 +44,21 @@ def finishes(fn: Callable[[], T], seconds: float = 60) -> T:
     if "error" in result:
         raise result["error"]
     return result["value"]
+
+
+def unprivileged() -> list[str] | None:
+    """A command prefix under which chmod 000 really denies reading: [] for a normal user; for root
+    (who reads anything), setpriv without the capabilities that let root bypass permissions; None when
+    neither works here."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return None
+    prefix = [setpriv, "--bounding-set", "-dac_override,-dac_read_search"]
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = Path(tmp) / "probe"
+        probe.write_bytes(b"x")
+        probe.chmod(0)
+        res = subprocess.run([*prefix, "cat", str(probe)], capture_output=True)
+    return prefix if res.returncode != 0 else None

@@ -8,17 +8,15 @@ import errno
 import io
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from conftest import finishes
+from conftest import finishes, unprivileged
 from PIL import Image
 
 from sstl.images import UnreadableImage, clean_message, decode, is_hidden, read_file, walk
@@ -218,24 +216,6 @@ def unblock(fifo: Path) -> None:
     """Let a reader stuck in open(fifo) go, so a failing test does not leave it blocked."""
     with contextlib.suppress(OSError):
         os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-
-
-def unprivileged() -> list[str] | None:
-    """A command prefix under which chmod 000 really denies reading: [] for a normal user; for root
-    (who reads anything), setpriv without the capabilities that let root bypass permissions; None when
-    neither works here."""
-    if os.geteuid() != 0:
-        return []
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        return None
-    prefix = [setpriv, "--bounding-set", "-dac_override,-dac_read_search"]
-    with tempfile.TemporaryDirectory() as tmp:
-        probe = Path(tmp) / "probe"
-        probe.write_bytes(b"x")
-        probe.chmod(0)
-        res = subprocess.run([*prefix, "cat", str(probe)], capture_output=True)
-    return prefix if res.returncode != 0 else None
 
 
 PNG = encode(Image.new("RGB", (9, 7), RED), "PNG")

@@ -10,7 +10,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from conftest import finishes
+from conftest import finishes, unprivileged
 from PIL import Image
 
 from sstl.dataset import SPLITS, load_classes, load_split
@@ -341,24 +340,6 @@ def test_test_add_built_from_corrupted_test_images(folder: Path, tmp_path: Path)
 
 
 # ---------------------------------------------------------------- users' real folders: bad entries, litter
-
-
-def unprivileged() -> list[str] | None:
-    """A command prefix under which chmod 000 really denies reading: [] for a normal user; for root
-    (who reads anything), setpriv without the capabilities that let root bypass permissions; None when
-    neither works here."""
-    if os.geteuid() != 0:
-        return []
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        return None
-    prefix = [setpriv, "--bounding-set", "-dac_override,-dac_read_search"]
-    with tempfile.TemporaryDirectory() as tmp:
-        probe = Path(tmp) / "probe"
-        probe.write_bytes(b"x")
-        probe.chmod(0)
-        res = subprocess.run([*prefix, "cat", str(probe)], capture_output=True)
-    return prefix if res.returncode != 0 else None
 
 
 def make_socket(path: Path) -> None:
