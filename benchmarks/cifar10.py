@@ -37,7 +37,7 @@ STAGES = ("prepare", "pretrain", "tune", "teacher", "pseudolabel", "student", "f
 
 
 REPLACE = ("tune.space",)  # sections the profile replaces instead of merging into
-WHOLE = ("data.test_add_corruptions",)  # set as one value (its default is null, which has no keys to set)
+WHOLE = ("data.test_add_corruptions", "teacher.augment")  # set as one value (its default is null, which has no keys to set)
 
 
 def hydra(v: object) -> str:
@@ -51,9 +51,22 @@ def hydra(v: object) -> str:
     return "null" if v is None else str(v)
 
 
-def overrides(profile: Path, folder: Path) -> list[str]:
-    """The profile as -S overrides: leaves are set; REPLACE sections are deleted (~) and added whole (+)."""
+def merged(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_profile(profile: Path, labels: int) -> dict:
+    """The profile, then its per-labels adjustments (`<profile>-<labels>.yaml`, e.g. cifar10-250.yaml) over it."""
     raw = yaml.safe_load(profile.read_text())
+    extra = profile.with_name(f"{profile.stem}-{labels}.yaml")
+    return merged(raw, yaml.safe_load(extra.read_text())) if extra.is_file() else raw
+
+
+def overrides(raw: dict, folder: Path) -> list[str]:
+    """The profile as -S overrides: leaves are set; REPLACE sections are deleted (~) and added whole (+)."""
     out: list[str] = []
     for key in REPLACE:
         section, name = key.split(".")
@@ -165,7 +178,7 @@ def main() -> None:
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
     os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
-    sets = [a for o in overrides(args.profile, folder) for a in ("-S", o)]
+    sets = [a for o in overrides(load_profile(args.profile, n * 10), folder) for a in ("-S", o)]
     start = time.perf_counter()
     subprocess.run(
         [sys.executable, "-m", "dvc", "exp", "run", "--temp", "--name", f"cifar10-{n * 10}", *sets],

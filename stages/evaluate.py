@@ -1,5 +1,7 @@
 """Stage evaluate: teacher, student and fine-tuned student on test and test-add, and on val for the
-health checks (collapse, a model below its predecessor) and the choice of the model to use."""
+health checks (collapse, a model below its predecessor) and the choice of the model to use.
+
+`evaluate.tta` averages each model's logits over flipped (and shifted) views (sstl.inference)."""
 
 from pathlib import Path
 
@@ -37,7 +39,9 @@ def main() -> None:
             for split, d in data.items():
                 if len(d) == 0:
                     continue
-                r = evaluate_model(model, d, num_classes=len(classes), bins=p.evaluate.ece_bins, runtime=runtime)
+                r = evaluate_model(
+                    model, d, num_classes=len(classes), bins=p.evaluate.ece_bins, runtime=runtime, tta=p.evaluate.tta
+                )
                 if split == "val":
                     val_acc[name] = round(r["accuracy"], 4)
                     collapses[name] = health.collapse(r["predictions"], d.labels, classes)

@@ -1,5 +1,8 @@
 """Stage pseudolabel: the teacher scores the unlabelled pool; keep the confident (threshold) or top-K.
 
+Writes the selected rows (pseudolabels.csv: hard labels) and, row for row, the teacher's distribution
+softmax(logits / temperature) of each row's image (pseudoprobs.npy, float32 (rows, classes): soft labels).
+
 The pool is streamed shard by shard and the running selection saved to STATE after each shard, so
 a killed run resumes where it stopped. Several processes: `torchrun --standalone --nproc_per_node N
 stages/pseudolabel.py` (rank 0 writes the outputs and logs to MLflow); see README.
@@ -11,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import _checkout  # noqa: F401  (this checkout's src/ first: see stages/_checkout.py)
+import numpy as np
 
 from sstl import tracking
 from sstl.dataset import load_classes, load_images
 from sstl.errors import stage_main
-from sstl.files import write_csv, write_json
+from sstl.files import atomic_path, write_csv, write_json
 from sstl.models import load_checkpoint
 from sstl.params import load_params
 from sstl.pseudolabel import clear_state
@@ -25,6 +29,7 @@ from sstl.workflow import pseudolabel
 PREPARED = Path("data/prepared")
 TEACHER = Path("models/teacher.pt")
 OUT = Path("data/pseudolabels.csv")
+PROBS = Path("data/pseudoprobs.npy")  # row i: the soft label of OUT's row i
 COUNTS = Path("reports/pseudolabel/counts.csv")
 METRICS = Path("reports/pseudolabel/summary.json")
 STATE = Path(".sstl-state/pseudolabel")  # resume state: git-ignored, not a DVC output, removed on success
@@ -50,11 +55,13 @@ def main() -> None:
             seconds = time.perf_counter() - start
             if selected is None:  # a rank > 0: its shards are merged into rank 0's selection
                 return
-            rows, counts = selected
+            rows, counts, probs = selected
             scores = [r["score"] for r in rows]
             n_pool = len(load_images(PREPARED, "unlabeled"))
             summary = {"n_pool": n_pool, "n_selected": len(rows), "mean_score": sum(scores) / max(len(scores), 1)}
             write_csv(OUT, rows, ("index", "path", "label", "label_index", "score"))
+            with atomic_path(PROBS) as tmp, tmp.open("wb") as f:
+                np.save(f, probs.numpy().astype(np.float32))
             write_csv(COUNTS, counts, ("class", "count"))
             write_json(METRICS, summary)
             tracking.log_metrics(summary | {"infer_images_per_second": n_pool / seconds})  # timing: MLflow only

@@ -6,6 +6,9 @@ Under torchrun every process trains on its share of each batch (DDP); rank 0 wri
 from pathlib import Path
 
 import _checkout  # noqa: F401  (this checkout's src/ first: see stages/_checkout.py)
+import numpy as np
+import torch
+from torch.nn.functional import one_hot
 
 from sstl import tracking
 from sstl.dataset import ImageSet, load_classes, load_packing, load_split
@@ -14,12 +17,13 @@ from sstl.files import read_csv
 from sstl.params import load_params
 from sstl.pretrain import resolve_weights
 from sstl.runtime import distributed
-from sstl.transforms import strong_augment
-from sstl.workflow import Job, build_model, pseudo_set, train_and_save
+from sstl.transforms import augmenter
+from sstl.workflow import Job, build_model, pseudo_targets, train_and_save
 
 PREPARED = Path("data/prepared")
 PRETRAIN = Path("models/pretrain.pt")
 PSEUDO = Path("data/pseudolabels.csv")
+PROBS = Path("data/pseudoprobs.npy")  # the teacher's distribution per pseudo-label row: soft targets
 MODEL = Path("models/student.pt")
 CURVE = Path("reports/curves/student.csv")
 FEATURES = Path(".sstl-state/features")
@@ -30,11 +34,13 @@ def main() -> None:
     p = load_params()
     runtime = p.runtime("train")
     labeled, val = load_split(PREPARED, "labeled"), load_split(PREPARED, "val")
-    pseudo = pseudo_set(load_split(PREPARED, "unlabeled"), read_csv(PSEUDO))
+    pseudo, soft = pseudo_targets(load_split(PREPARED, "unlabeled"), read_csv(PSEUDO), np.load(PROBS))
     classes = load_classes(PREPARED)
     train = ImageSet.concat(labeled, pseudo)
+    hard = one_hot(labeled.labels, len(classes)).float()  # the labelled rows' targets stay their labels
+    targets = torch.cat([hard, soft]) if p.student.pseudo_targets == "soft" else None
     student = resolve_weights(p.student, PRETRAIN)
-    augment = strong_augment(p.student.augment, int(labeled.images.shape[1]), p.seed)
+    augment = augmenter(p.student.augment, int(labeled.images.shape[1]), p.seed)  # per image, then batched
     with (
         distributed(runtime) as (rank, _),
         tracking.stage_run(
@@ -64,7 +70,8 @@ def main() -> None:
             augment=augment,
             augment_head=p.student.augment.head_phase,
             feature_cache=FEATURES,
-            state=Path(".sstl-state/train/student.pt"),  # per-epoch resume state: git-ignored, not a DVC output
+            state=Path(".sstl-state/train/student.pt"),
+            targets=targets,  # per-epoch resume state: git-ignored, not a DVC output
         )
     if rank == 0:
         print(f"student: val_loss={result.best_val_loss:.4f} val_acc={result.best_val_acc:.4f} -> {MODEL}")

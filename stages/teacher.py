@@ -15,6 +15,7 @@ from sstl.files import read_json
 from sstl.params import TeacherParams, load_params
 from sstl.pretrain import resolve_weights
 from sstl.runtime import distributed
+from sstl.transforms import augmenter
 from sstl.workflow import Job, build_model, train_and_save
 
 PREPARED = Path("data/prepared")
@@ -54,6 +55,8 @@ def main() -> None:
             classes=classes,
             seed=p.seed,
             runtime=runtime,
+            augment=None if cfg.augment is None else augmenter(cfg.augment, int(labeled.images.shape[1]), p.seed),
+            augment_head=cfg.augment is None or cfg.augment.head_phase,
             feature_cache=FEATURES,
             state=Path(".sstl-state/train/teacher.pt"),  # per-epoch resume state: git-ignored, not a DVC output
         )

@@ -94,6 +94,8 @@ def test_wrong_type_names_key(repo_raw: dict[str, Any]) -> None:
         ("pseudolabel.threshold", 1.2),
         ("student.augment.rotate", 400),
         ("evaluate.ece_bins", 0),
+        ("pseudolabel.temperature", 0),
+        ("pseudolabel.temperature", -0.5),
     ],
 )
 def test_out_of_range_names_key(repo_raw: dict[str, Any], key: str, value: Any) -> None:
@@ -116,6 +118,21 @@ def test_bad_literal_names_key(repo_raw: dict[str, Any]) -> None:
     assert "pseudolabel.method" in msg
 
 
+@pytest.mark.parametrize("key", ["pseudolabel.tta", "evaluate.tta"])
+def test_tta_is_one_of_three(repo_raw: dict[str, Any], key: str) -> None:
+    msg = error_of(with_change(repo_raw, key, "mirror"))
+    assert msg.startswith(f"params.yaml: {key}:") and "'none', 'flip' or 'flip_translate'" in msg
+    section, _ = key.split(".")
+    p = parse_params(with_change(repo_raw, key, "flip_translate"))
+    assert getattr(p, section).tta == "flip_translate"
+
+
+def test_tta_and_temperature_defaults_keep_the_demo_unchanged() -> None:
+    p = parse_params({})
+    assert p.pseudolabel.tta == "none" and p.evaluate.tta == "none"  # digits are not mirror-symmetric
+    assert p.pseudolabel.temperature == 1.0
+
+
 def test_several_errors_stay_on_one_line(repo_raw: dict[str, Any]) -> None:
     raw = with_change(with_change(repo_raw, "teacher.lr", -1), "seed", "x")
     msg = error_of(raw)
@@ -123,9 +140,9 @@ def test_several_errors_stay_on_one_line(repo_raw: dict[str, Any]) -> None:
 
 
 def test_tune_space_key_must_be_a_teacher_key(repo_raw: dict[str, Any]) -> None:
-    msg = error_of(with_change(repo_raw, "tune.space.momentum", {"low": 0.1, "high": 0.9}))
+    msg = error_of(with_change(repo_raw, "tune.space.gamma", {"low": 0.1, "high": 0.9}))
     assert "tune.space" in msg
-    assert "momentum" in msg
+    assert "gamma" in msg
     assert "not a teacher key" in msg
 
 

@@ -30,7 +30,7 @@ from sstl.dataset import save_images
 from sstl.errors import stage_main
 from sstl.files import write_csv, write_json
 from sstl.training import FitResult, TrainConfig, fit
-from sstl.transforms import AugmentConfig, strong_augment
+from sstl.transforms import AugmentConfig, augmenter
 
 # 3 + 3 epochs, no early stop on this problem: kills can land in either phase and at the boundary
 SCHEDULE = TrainConfig(
@@ -62,7 +62,7 @@ def train(
 ) -> tuple[torch.nn.Module, FitResult]:
     """plain: phase 1 on backbone features, then phase 2; augmented: both phases on augmented images."""
     model = new_model()  # resnet18 with dropout: the torch RNG matters too
-    augment = strong_augment(AugmentConfig(), int(TRAIN.images.shape[1]), 0) if mode == "augmented" else None
+    augment = augmenter(AugmentConfig(), int(TRAIN.images.shape[1]), 0) if mode == "augmented" else None
     result = fit(model, TRAIN, VAL, SCHEDULE, num_classes=2, seed=0, augment=augment, on_epoch=on_epoch, state=state)
     return model, result
 

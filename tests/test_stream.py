@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import socket
 import subprocess
@@ -15,18 +16,22 @@ import numpy as np
 import pytest
 import torch
 
+from sstl.dataset import ImageSet
+from sstl.errors import SstlError
 from sstl.inference import infer
 from sstl.models import Classifier, ModelConfig, create_model, load_checkpoint, save_checkpoint
 from sstl.pseudolabel import (
     SelectConfig,
     clear_state,
     select_pool,
+    select_pool_logits,
     select_threshold,
     select_topk,
+    soft_targets,
     state_file,
 )
-from sstl.stream import Threshold, TopK, top_classes
-from sstl.workflow import pseudolabel
+from sstl.stream import Rows, Threshold, TopK, top_classes
+from sstl.workflow import pseudo_targets, pseudolabel
 
 Selection = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -137,6 +142,31 @@ def test_memory_is_bounded_by_k_times_classes() -> None:
     assert len(acc.result()[0]) == 50
 
 
+def test_rows_keep_the_wanted_images_and_give_them_in_any_order() -> None:
+    values = torch.arange(40.0).view(10, 4)  # row i = image i's values
+    rows = Rows(4)
+    for a in (6, 0, 3):  # out of order, in pieces
+        rows.add(values[a : a + 3 if a < 6 else 10], torch.arange(a, a + 3 if a < 6 else 10))
+    assert len(rows) == 10
+    rows.keep(torch.tensor([7, 2, 2, 9]))  # repeats allowed
+    assert len(rows) == 3
+    assert torch.equal(rows.take(torch.tensor([9, 2, 7, 2])), values[[9, 2, 7, 2]])
+    assert rows.take(torch.empty(0, dtype=torch.int64)).shape == (0, 4)
+    with pytest.raises(KeyError, match=r"\[3\]"):
+        rows.take(torch.tensor([2, 3]))
+    other = Rows(4)
+    other.load_state_dict(rows.state_dict())  # a copy
+    more = Rows(4)
+    more.add(values[[0, 5]], torch.tensor([0, 5]))
+    other.merge(more)
+    assert torch.equal(other.take(torch.tensor([0, 2, 5, 7, 9])), values[[0, 2, 5, 7, 9]])
+    with pytest.raises(ValueError, match="fed twice"):
+        other.merge(more)
+        other.take(torch.tensor([0]))
+    with pytest.raises(ValueError, match="classes"):
+        Rows(3).add(values, torch.arange(10))
+
+
 # --- the pool driver: a real (small) network over a uint8 pool --------------------------------
 
 
@@ -180,6 +210,17 @@ def reference(model: Classifier, pool: Path, cfg: SelectConfig) -> Selection:
     return select_threshold(probs, cfg.threshold)
 
 
+def pool_logits(model: Classifier, pool: Path, cfg: SelectConfig) -> torch.Tensor:
+    """In memory: the logits of the whole pool, in infer's batches (so the same bits as the stream's)."""
+    return infer(model, torch.from_numpy(np.array(images_of(pool))), batch_size=cfg.batch_size, tta=cfg.tta)
+
+
+def npy_bytes(probs: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, probs.numpy())
+    return buf.getvalue()
+
+
 class Killed(Exception):
     """Stands for the process dying after a shard."""
 
@@ -194,6 +235,41 @@ def test_pool_stream_equals_in_memory_reference(
     want = reference(model, pool, cfg)
     assert len(got[0]) > 0
     assert_same(got, want)  # the same batches as infer's, so the same bits
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        CFG,
+        CFG.model_copy(update={"top_k": 60}),  # 3 x 60 picks of 96 images: some chosen for two classes
+        CFG.model_copy(update={"method": "threshold", "threshold": 0.34}),
+    ],
+)
+def test_selected_rows_come_with_their_own_logits(
+    teacher: tuple[Classifier, Path], pool: Path, cfg: SelectConfig
+) -> None:
+    model, _ = teacher
+    got = select_pool_logits(model, images_of(pool), cfg, 3)
+    assert got is not None
+    (index, label, score), logits = got
+    assert_same((index, label, score), reference(model, pool, cfg))
+    assert logits.dtype == torch.float32 and logits.shape == (len(index), 3)
+    assert torch.equal(logits, pool_logits(model, pool, cfg)[index]), "row i: image index[i]'s logits, bit for bit"
+    if cfg.top_k == 60:
+        assert len(set(index.tolist())) < len(index), "an image chosen for two classes: its logits in both rows"
+
+
+def test_tta_scores_the_pool(teacher: tuple[Classifier, Path], pool: Path) -> None:
+    model, _ = teacher
+    cfg = CFG.model_copy(update={"tta": "flip_translate"})
+    got = select_pool_logits(model, images_of(pool), cfg, 3)
+    assert got is not None
+    (index, label, score), logits = got
+    probs = pool_logits(model, pool, cfg).softmax(1)
+    assert_same((index, label, score), select_topk(probs, cfg.top_k, cfg.top_p))
+    assert torch.equal(logits, pool_logits(model, pool, cfg)[index])
+    plain = select_pool(model, images_of(pool), CFG, 3)
+    assert plain is not None and not torch.equal(score, plain[2]), "the views change the scores"
 
 
 def test_resume_after_a_kill(teacher: tuple[Classifier, Path], pool: Path, tmp_path: Path) -> None:
@@ -212,10 +288,13 @@ def test_resume_after_a_kill(teacher: tuple[Classifier, Path], pool: Path, tmp_p
     assert saved["last_shard"] == 2, "the state is saved before on_shard is told"
 
     resumed: list[int] = []
-    got = select_pool(model, images_of(pool), CFG, 3, state, on_shard=resumed.append)
+    got = select_pool_logits(model, images_of(pool), CFG, 3, state, on_shard=resumed.append)
     assert resumed == [3, 4, 5], "the second run computes only the shards not yet finished"
     assert got is not None
-    assert_same(got, select_pool(model, images_of(pool), CFG, 3))  # = an uninterrupted run
+    want = select_pool_logits(model, images_of(pool), CFG, 3)  # an uninterrupted run
+    assert want is not None
+    assert_same(got[0], want[0])
+    assert npy_bytes(soft_targets(got[1])) == npy_bytes(soft_targets(want[1])), "the same soft targets, byte for byte"
 
     other: list[int] = []  # a state from another run (other params) is ignored and overwritten
     changed = CFG.model_copy(update={"top_k": 5})
@@ -225,6 +304,49 @@ def test_resume_after_a_kill(teacher: tuple[Classifier, Path], pool: Path, tmp_p
     assert_same(got5, select_pool(model, images_of(pool), changed, 3))
     clear_state(state)
     assert not state.exists()
+
+
+def test_resume_with_another_temperature(teacher: tuple[Classifier, Path], pool: Path, tmp_path: Path) -> None:
+    """The state keeps logits, so the temperature of the soft targets needs no restart."""
+    model, _ = teacher
+    done: list[int] = []
+
+    def die_after_2(shard: int) -> None:
+        done.append(shard)
+        if len(done) == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        select_pool_logits(model, images_of(pool), CFG, 3, tmp_path, on_shard=die_after_2)
+    resumed: list[int] = []
+    hot = CFG.model_copy(update={"temperature": 4.0})
+    got = select_pool_logits(model, images_of(pool), hot, 3, tmp_path, on_shard=resumed.append)
+    assert resumed == [2, 3, 4, 5]
+    assert got is not None
+    want = select_pool_logits(model, images_of(pool), CFG, 3)
+    assert want is not None
+    assert_same(got[0], want[0])
+    assert torch.equal(got[1], want[1])
+
+
+def test_state_without_the_logits_is_ignored(teacher: tuple[Classifier, Path], pool: Path, tmp_path: Path) -> None:
+    model, _ = teacher
+
+    def die(shard: int) -> None:
+        raise Killed
+
+    with pytest.raises(Killed):
+        select_pool(model, images_of(pool), CFG, 3, tmp_path, on_shard=die)
+    path = state_file(tmp_path, 0, 1)
+    state = torch.load(path, weights_only=True)
+    state["logits"]["index"] = state["logits"]["index"][1:]  # an image held without its logits
+    state["logits"]["values"] = state["logits"]["values"][1:]
+    torch.save(state, path)
+    shards: list[int] = []
+    got = select_pool_logits(model, images_of(pool), CFG, 3, tmp_path, on_shard=shards.append)
+    assert shards == list(range(6)), "started afresh"
+    assert got is not None
+    assert torch.equal(got[1], pool_logits(model, pool, CFG)[got[0][0]])
 
 
 def test_state_of_another_model_is_ignored(teacher: tuple[Classifier, Path], pool: Path, tmp_path: Path) -> None:
@@ -241,12 +363,59 @@ def test_workflow_rows_carry_manifest_paths(teacher: tuple[Classifier, Path], po
     model, _ = teacher
     out = pseudolabel(model, pool, CFG, ["a", "b", "c"], tmp_path / "state")
     assert out is not None
-    rows, counts = out
+    rows, counts, probs = out
+    assert probs.shape == (len(rows), 3)
     index, label, _ = reference(model, pool, CFG)
     assert [r["index"] for r in rows] == index.tolist()
     assert [r["label_index"] for r in rows] == label.tolist()
     assert all(r["path"] == f"unlabeled/{r['index']:04d}.png" for r in rows)
     assert sum(c["count"] for c in counts) == len(rows)
+
+
+def test_soft_targets_align_with_the_rows(teacher: tuple[Classifier, Path], pool: Path, tmp_path: Path) -> None:
+    model, _ = teacher
+    cfg = CFG.model_copy(update={"top_p": 1})
+    out = pseudolabel(model, pool, cfg, ["a", "b", "c"], tmp_path / "state")
+    assert out is not None
+    rows, _, probs = out
+    assert len(rows) > 0 and probs.dtype == torch.float32 and probs.shape == (len(rows), 3)
+    labels = torch.tensor([r["label_index"] for r in rows])
+    assert torch.equal(probs.argmax(1), labels), "at temperature 1 with top_p 1 the label is the argmax"
+    torch.testing.assert_close(probs.sum(1), torch.ones(len(rows)))
+    scores = torch.tensor([r["score"] for r in rows])
+    torch.testing.assert_close(probs.gather(1, labels.view(-1, 1)).flatten(), scores, rtol=0, atol=1e-6)
+
+    hot = pseudolabel(model, pool, cfg.model_copy(update={"temperature": 3.0}), ["a", "b", "c"])
+    assert hot is not None
+    assert hot[0] == rows, "the temperature does not change the selection"
+    flat = hot[2]
+    torch.testing.assert_close(flat.sum(1), torch.ones(len(rows)))
+    assert torch.equal(flat.argmax(1), labels)
+    assert bool((flat.max(1).values < probs.max(1).values).all()), "a higher temperature flattens every row"
+
+    def entropy(p: torch.Tensor) -> torch.Tensor:
+        return -(p * p.log()).sum(1)
+
+    assert bool((entropy(flat) > entropy(probs)).all())
+
+
+def test_pseudo_targets_give_images_hard_and_soft_labels() -> None:
+    pool = ImageSet(
+        torch.arange(5, dtype=torch.uint8).view(5, 1, 1, 1).expand(5, 2, 2, 3),
+        torch.full((5,), -1),
+        [f"unlabeled/{i}.png" for i in range(5)],
+    )
+    rows = [{"index": "3", "label_index": "1"}, {"index": "0", "label_index": "0"}, {"index": "3", "label_index": "2"}]
+    probs = np.array([[0.1, 0.5, 0.4], [0.7, 0.2, 0.1], [0.1, 0.5, 0.4]], dtype=np.float32)
+    chosen, targets = pseudo_targets(pool, rows, probs)
+    assert chosen.paths == ["unlabeled/3.png", "unlabeled/0.png", "unlabeled/3.png"]
+    assert chosen.labels.tolist() == [1, 0, 2]
+    assert chosen.images[:, 0, 0, 0].tolist() == [3, 0, 3]
+    assert targets.dtype == torch.float32 and torch.equal(targets, torch.from_numpy(probs))
+    with pytest.raises(SstlError, match="same pseudolabel run"):
+        pseudo_targets(pool, rows[:2], probs)
+    with pytest.raises(SstlError, match="class 2"):
+        pseudo_targets(pool, rows, probs[:, :2])
 
 
 SCRIPT = """
@@ -257,14 +426,16 @@ import numpy as np
 import torch
 
 from sstl.models import load_checkpoint
-from sstl.pseudolabel import SelectConfig, select_pool
+from sstl.pseudolabel import SelectConfig, select_pool_logits
 from sstl.runtime import distributed
 
 checkpoint, images, state, out, cfg = sys.argv[1:]
 model, _ = load_checkpoint(Path(checkpoint))
 with distributed() as (rank, size):
     assert size == 2, size
-    sel = select_pool(model, np.load(images, mmap_mode="r"), SelectConfig.model_validate_json(cfg), 3, Path(state))
+    sel = select_pool_logits(
+        model, np.load(images, mmap_mode="r"), SelectConfig.model_validate_json(cfg), 3, Path(state)
+    )
     if rank == 0:
         torch.save(sel, out)
     else:
@@ -293,6 +464,7 @@ def test_two_processes_select_as_one(teacher: tuple[Classifier, Path], pool: Pat
     assert state_file(state, 0, 2).is_file() and state_file(state, 1, 2).is_file(), "one state per rank"
     two = torch.load(out, weights_only=True)
     model, _ = load_checkpoint(checkpoint)  # the same weights, as the processes loaded them
-    one = select_pool(model, images_of(pool), CFG, 3)
+    one = select_pool_logits(model, images_of(pool), CFG, 3)
     assert one is not None
-    assert_same(tuple(two), one)
+    assert_same(tuple(two[0]), one[0])
+    assert torch.equal(two[1], one[1]), "each process's kept logits merged on rank 0"

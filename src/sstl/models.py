@@ -72,11 +72,101 @@ def convnet(widths: tuple[int, int, int]) -> tuple[list[nn.Module], int]:
     return blocks, widths[-1]
 
 
-# arch name -> channel widths of the three groups; no pretrained weights exist for these
-CONVNETS: dict[str, tuple[int, int, int]] = {
-    "convnet_s": (32, 64, 128),
-    "convnet_m": (48, 96, 192),
-    "convnet_l": (64, 128, 256),
+class Whiten(nn.Module):
+    """airbench's first layer: a 2x2 conv whose 2 * 12 filters are the +/- eigenvectors of the training
+    images' 2x2-patch covariance, scaled by 1 / sqrt(eigenvalue): decorrelated inputs from the first step.
+
+    The filters are a buffer, set once from data (`fit`, called by the training loop before the first
+    step of a network whose `ready` is false) and never trained; the bias trains.
+    """
+
+    def __init__(self, kernel: int = 2) -> None:
+        super().__init__()
+        self.weight: torch.Tensor
+        self.ready: torch.Tensor
+        self.register_buffer("weight", torch.zeros(2 * 3 * kernel**2, 3, kernel, kernel))
+        self.register_buffer("ready", torch.zeros((), dtype=torch.bool))  # saved: a checkpoint is never refitted
+        self.bias = nn.Parameter(torch.zeros(2 * 3 * kernel**2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
+
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor, eps: float = 5e-4) -> None:
+        """x: normalised images (N, 3, H, W), fp32; a few thousand are plenty (airbench uses 5,000)."""
+        k = self.weight.shape[-1]
+        patches = x.unfold(2, k, 1).unfold(3, k, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * k * k).double()
+        cov = patches.T @ patches / len(patches)  # (12, 12)
+        values, vectors = torch.linalg.eigh(cov)  # ascending; columns are eigenvectors
+        filters = (vectors.T / torch.sqrt(values.clamp(min=0) + eps)[:, None]).flip(0).reshape(-1, 3, k, k)
+        self.weight.copy_(torch.cat([filters, -filters]).float())  # +/-: GELU keeps both signs' information
+        self.ready.fill_(True)
+
+
+class _Scale(nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+def _airbench_bn(channels: int) -> nn.BatchNorm2d:
+    """BatchNorm with a fixed unit scale and a trained shift; momentum 0.4 (airbench's 0.6 in its convention)."""
+    bn = nn.BatchNorm2d(channels, eps=1e-12, momentum=0.4, affine=False)
+    bn.bias = nn.Parameter(torch.zeros(channels))
+    return bn
+
+
+def _dirac_conv(cin: int, cout: int) -> nn.Conv2d:
+    """3x3 conv whose first `cin` filters start as identities: a deep net that starts near a shallow one."""
+    conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+    nn.init.dirac_(conv.weight.data[: min(cin, cout)])
+    return conv
+
+
+def airbench(widths: tuple[int, int, int]) -> tuple[list[nn.Module], int]:
+    """KellerJordan/cifar10-airbench's network (airbench94 at widths 64, 256, 256): the whitening layer,
+    then three groups of conv -> 2x2 max-pool -> BN -> GELU -> conv -> BN -> GELU. A 32 px input ends
+    at 3x3, max-pooled to one vector; the 1/9 scale keeps the logits' scale that its schedule assumes."""
+    blocks: list[nn.Module] = [nn.Sequential(Whiten(), nn.GELU())]
+    cin = 24
+    for w in widths:
+        blocks.append(
+            nn.Sequential(
+                _dirac_conv(cin, w), nn.MaxPool2d(2), _airbench_bn(w), nn.GELU(),
+                _dirac_conv(w, w), _airbench_bn(w), nn.GELU(),
+            )
+        )  # fmt: skip
+        cin = w
+    return blocks, widths[-1]
+
+
+def fit_whitening(model: nn.Module, images: torch.Tensor) -> bool:
+    """Set every not yet fitted `Whiten` layer of `model` from uint8 images (N, H, W, 3) (at most 5,000 are
+    used); whether there was one. Weights loaded from a checkpoint or a pretext stage are kept."""
+    layers = [m for m in model.modules() if isinstance(m, Whiten) and not bool(m.ready)]
+    if not layers:
+        return False
+    x = images[:5000].permute(0, 3, 1, 2).float().div(255.0)
+    if isinstance(model, Classifier):
+        x = (x - model.mean.cpu()) / model.std.cpu()
+    for layer in layers:
+        device = layer.weight.device
+        layer.cpu().fit(x)
+        layer.to(device)
+    return True
+
+
+# arch name -> (family, channel widths of the three groups); no pretrained weights exist for these
+CONVNETS: dict[str, tuple[str, tuple[int, int, int]]] = {
+    "convnet_s": ("convnet", (32, 64, 128)),
+    "convnet_m": ("convnet", (48, 96, 192)),
+    "convnet_l": ("convnet", (64, 128, 256)),
+    "airbench_s": ("airbench", (32, 128, 128)),  # a quarter of airbench94's compute
+    "airbench_m": ("airbench", (48, 192, 192)),
+    "airbench_l": ("airbench", (64, 256, 256)),  # airbench94
 }
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -95,6 +185,9 @@ class ModelConfig(BaseModel):
     hidden_size: int = Field(128, ge=1)
     activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    widths: tuple[int, int, int] | None = Field(
+        None, description="channels of the three groups of sstl's small CNNs (convnet_*, airbench_*); null: the arch's"
+    )
 
 
 class DataConfig(BaseModel):
@@ -144,6 +237,10 @@ class Classifier(nn.Module):
 
 def _sequential(blocks: list[nn.Module]) -> nn.Module:
     return nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+
+
+def _max_pooled(blocks: list[nn.Module]) -> nn.Module:
+    return nn.Sequential(*blocks, nn.AdaptiveMaxPool2d(1), nn.Flatten(1), _Scale(1 / 9))
 
 
 def _timm_name(arch: str) -> str | None:
@@ -219,8 +316,9 @@ def create_model(cfg: ModelConfig, num_classes: int) -> Classifier:
             raise SstlError(
                 f"{cfg.arch} has no {cfg.weights} weights: use weights none, pretrain, or an sstl checkpoint"
             )
-        blocks, width = convnet(CONVNETS[cfg.arch])
-        backbone = _sequential(blocks)
+        family, widths = CONVNETS[cfg.arch]
+        blocks, width = (airbench if family == "airbench" else convnet)(cfg.widths or widths)
+        backbone = _sequential(blocks) if family == "convnet" else _max_pooled(blocks)
     elif timm_name is None:
         net = torchvision.models.get_model(cfg.arch, weights=None)
         if cfg.weights != "none" and sstl_ckpt is None:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sstl.corruptions import CorruptConfig
 from sstl.errors import ParamsError, SstlError
+from sstl.inference import TTA_HELP, Tta
 from sstl.models import ModelConfig, check_arch, data_config
 from sstl.neardup import NearDupConfig
 from sstl.pretrain import PretrainConfig
@@ -79,6 +80,10 @@ class MlflowParams(Strict):
 class TeacherParams(ModelConfig, TrainConfig):
     """Teacher network and schedule; `tune` searches some of these keys."""
 
+    augment: AugmentConfig | None = Field(
+        None, description="light augmentation, e.g. airbench's flip + translate (all batched); none by default"
+    )
+
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, v: str) -> str:
@@ -92,13 +97,16 @@ class TeacherParams(ModelConfig, TrainConfig):
 
 
 class StudentParams(TeacherParams):
-    augment: AugmentConfig = AugmentConfig()
+    augment: AugmentConfig = AugmentConfig()  # the student is always augmented
+    pseudo_targets: Literal["hard", "soft"] = Field(
+        "hard", description="soft: the teacher's distribution (pseudolabel.temperature) as each pseudo-label's target"
+    )
 
 
 class FinetuneParams(Strict):
     """The student fine-tuned on the clean labelled set, all blocks trainable, at a small LR."""
 
-    lr: float = Field(1e-4, gt=0.0, le=1.0)
+    lr: float = Field(1e-4, gt=0.0, le=100.0)
     epochs: int = Field(5, ge=0)
     batch_size: int = Field(64, ge=1)
     patience: int = Field(3, ge=1)
@@ -106,9 +114,19 @@ class FinetuneParams(Strict):
     unfreeze_blocks: int = Field(1000, ge=0, description="top backbone blocks trained (1000: all)")
     freeze_bn: bool = Field(False, description="BatchNorm keeps the student's statistics")
     monitor: Literal["val_loss", "val_acc"] = Field("val_loss", description="what early stopping follows")
+    optimizer: Literal["adam", "sgd"] = "adam"
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    lr_schedule: Literal["plateau", "linear"] = "plateau"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
 
     def schedule(self) -> TrainConfig:
         return TrainConfig(
+            optimizer=self.optimizer,
+            momentum=self.momentum,
+            lr_schedule=self.lr_schedule,
+            label_smoothing=self.label_smoothing,
+            weight_decay=self.weight_decay,
             head_epochs=0,
             epochs=self.epochs,
             lr=self.lr,
@@ -123,6 +141,7 @@ class FinetuneParams(Strict):
 
 
 class TuneParams(Strict):
+    enabled: bool = Field(True, description="false: no trials, the teacher keys are used as given")
     n_random: int = Field(10, ge=1, description="random trials before the guided ones")
     n_guided: int = Field(15, ge=0, description="Gaussian-process guided trials")
     frozen_backbone: bool = Field(
@@ -133,7 +152,7 @@ class TuneParams(Strict):
     @field_validator("space")
     @classmethod
     def _teacher_keys(cls, space: dict[str, SpaceEntry]) -> dict[str, SpaceEntry]:
-        allowed = set(TeacherParams.model_fields) - {"arch", "weights"}
+        allowed = set(TeacherParams.model_fields) - {"arch", "weights", "augment"}
         unknown = sorted(set(space) - allowed)
         if unknown:
             raise ValueError(f"not a teacher key: {', '.join(unknown)} (valid: {', '.join(sorted(allowed))})")
@@ -142,6 +161,7 @@ class TuneParams(Strict):
 
 class EvaluateParams(Strict):
     ece_bins: int = Field(15, ge=1, le=100)
+    tta: Tta = Field("none", description=f"{TTA_HELP}; `sstl predict` follows it")
 
 
 class Params(Strict):

@@ -16,7 +16,7 @@ import torch
 
 from sstl.errors import SstlError
 from sstl.images import IMAGE_SUFFIXES, UnreadableImage, decode, read_file, walk
-from sstl.inference import infer
+from sstl.inference import Tta, infer
 from sstl.models import Classifier
 from sstl.runtime import CPU, Runtime
 
@@ -49,11 +49,14 @@ def predict(
     interpolation: str | None = None,
     runtime: Runtime = CPU,
     on_skip: Callable[[Path, str], None] | None = None,
+    tta: Tta = "none",
 ) -> list[dict[str, Any]]:
     """One row per readable image: {"path", "predictions": [{"class", "probability"}, ...]} best first.
 
     Each image is decoded as `prepare` packed the training images: side `image_size`, resampled with
     `interpolation` (default: the backbone's); the model normalises with its own mean and std.
+    `tta`: test-time augmentation as in evaluate (`evaluate.tta`: the probabilities are the softmax of
+    the averaged logits).
     An unreadable image does not cost the batch: `on_skip(path, reason)` is told (default: one line on
     stderr) and the others are classified; only when none can be read is it an error."""
     images, readable, problems = [], [], []
@@ -69,7 +72,7 @@ def predict(
         raise SstlError(f"{which}{first}: {reason}; pass readable image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
     for path, reason in problems:
         (on_skip or report_skip)(path, reason)
-    probs = infer(model, torch.from_numpy(np.stack(images)), runtime=runtime, desc="predict").softmax(1)
+    probs = infer(model, torch.from_numpy(np.stack(images)), runtime=runtime, desc="predict", tta=tta).softmax(1)
     score, index = probs.topk(min(top_k, len(classes)), dim=1)
     return [
         {

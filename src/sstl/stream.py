@@ -15,6 +15,9 @@ The result therefore depends on the set of images fed, never on how they were cu
 chunks or processes, nor on the order of updates and merges. Scores must be >= 0 (probabilities)
 and indices < 2**32. An image whose p-th and (p+1)-th scores are equal has its top-p classes chosen
 by score, then by class index ascending.
+
+`Rows(width)` keeps a row of floats per image (the teacher's logits) for the images an accumulator
+still holds, so that the selected images come with their whole distribution (soft pseudo-labels).
 """
 
 from __future__ import annotations
@@ -239,3 +242,71 @@ class Threshold:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self._parts = [(state["index"], state["label"], state["score"])]
+
+
+class Rows:
+    """A row of floats per image (the teacher's logits), kept for the images an accumulator holds, so
+    that the selection comes with each selected image's whole distribution (soft pseudo-labels).
+
+    `add(values (n, D), index (n,))` any number of times (each image once), `keep(wanted)` drops the
+    rows of images no longer wanted (the pool driver calls it after each shard with the images its
+    accumulator holds: memory O(images held x D) plus one shard's rows), `take(index)` gives the rows
+    of `index` in its order (an index may repeat). State: index int64 (m,) ascending, values (m, D).
+    """
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+        self._index: list[torch.Tensor] = [torch.empty(0, dtype=torch.int64)]
+        self._values: list[torch.Tensor] = [torch.empty(0, width)]
+
+    def add(self, values: torch.Tensor, index: torch.Tensor) -> None:
+        check_batch(values, index, self.width)
+        self._index.append(index.long())
+        self._values.append(values.float())
+
+    def merge(self, other: Rows) -> None:
+        """Fold in another store over other images (the same width)."""
+        if other.width != self.width:
+            raise ValueError(f"can only merge Rows of the same width, got {other.width} and {self.width}")
+        index, values = other._sorted()
+        self.add(values, index)
+
+    def keep(self, wanted: torch.Tensor) -> None:
+        """Drop the rows of every image not in `wanted` (int64, any order, repeats allowed)."""
+        index, values = self._sorted()
+        mask = torch.isin(index, wanted)
+        self._index, self._values = [index[mask]], [values[mask]]
+
+    def take(self, index: torch.Tensor) -> torch.Tensor:
+        """The rows of images `index` (n,), in that order: (n, D); every image must have been added."""
+        have, values = self._sorted()
+        if not index.numel():
+            return torch.empty(0, self.width)
+        pos = torch.searchsorted(have, index).clamp_max(max(len(have) - 1, 0))
+        if not len(have) or not torch.equal(have[pos], index):
+            missing = index[~torch.isin(index, have)][:5].tolist()
+            raise KeyError(f"no row kept for images {missing}")
+        return values[pos]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        index, values = self._sorted()
+        return {"index": index.clone(), "values": values.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        index, values = state["index"], state["values"]
+        if values.ndim != 2 or values.shape != (len(index), self.width):
+            raise ValueError(f"state holds {tuple(values.shape)} rows, expected ({len(index)}, {self.width})")
+        self._index, self._values = [index.long()], [values.float()]
+
+    def __len__(self) -> int:
+        return sum(len(i) for i in self._index)
+
+    def _sorted(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Consolidate into one index-ascending pair (an image fed twice is an error)."""
+        if len(self._index) > 1:
+            index, values = torch.cat(self._index), torch.cat(self._values)
+            index, order = index.sort(stable=True)
+            if len(index) > 1 and bool((index[1:] == index[:-1]).any()):
+                raise ValueError("an image was fed twice")
+            self._index, self._values = [index], [values[order]]
+        return self._index[0], self._values[0]

@@ -2,9 +2,11 @@
 
 Two phases, as in the seeds' transfer learning: (1) the head on a frozen backbone at `lr` (on the
 backbone's features, computed once, when there is no augmentation), (2) the top `unfreeze_blocks`
-blocks unfrozen at `finetune_lr`. Each phase: Adam, LR x0.1 when the
-validation loss plateaus, early stopping on it, and the best weights restored at the end.
-`fit` returns the per-epoch history; the caller logs it (see `tracking`).
+blocks unfrozen at `finetune_lr`. Each phase, by default (`lr_schedule: plateau`): Adam, LR x0.1 when the
+validation loss plateaus, early stopping on it, and the best weights restored at the end. The fast
+recipe for small networks from scratch (airbench; `lr_schedule: linear`): SGD with Nesterov momentum,
+a linear warm-up then linear decay per step, label smoothing, Lookahead weight averaging, every epoch
+run and the last weights kept. `fit` returns the per-epoch history; the caller logs it (see `tracking`).
 
 Given a `state` path, `fit` saves everything the next epoch depends on after every epoch (weights,
 optimizer, scheduler, early-stopping bookkeeping, every RNG), so a process killed at any moment
@@ -14,6 +16,7 @@ resumes after its last finished epoch and ends with the same weights, bit for bi
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import math
 import random
@@ -23,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import albumentations as A
 import numpy as np
 import timm
 import torch
@@ -36,9 +38,9 @@ from sstl.dataset import ImageSet
 from sstl.errors import SstlError
 from sstl.files import atomic_path
 from sstl.inference import infer
-from sstl.models import Classifier, model_digest, set_trainable, train_mode
+from sstl.models import Classifier, fit_whitening, model_digest, set_trainable, train_mode
 from sstl.runtime import CPU, Runtime, world
-from sstl.transforms import augment_batch
+from sstl.transforms import Augmenter
 
 
 class TrainConfig(BaseModel):
@@ -48,12 +50,27 @@ class TrainConfig(BaseModel):
 
     head_epochs: int = Field(3, ge=0, description="phase 1: head only, backbone frozen")
     epochs: int = Field(15, ge=0, description="phase 2: top blocks unfrozen")
-    lr: float = Field(1e-3, gt=0.0, le=1.0)
-    finetune_lr: float = Field(3e-4, gt=0.0, le=1.0)
+    lr: float = Field(1e-3, gt=0.0, le=100.0)
+    finetune_lr: float = Field(3e-4, gt=0.0, le=100.0)
     unfreeze_blocks: int = Field(5, ge=0, description="top backbone blocks trained in phase 2")
     class_weights: bool = Field(False, description="weight the loss by inverse class frequency")
     batch_size: int = Field(64, ge=1)
     weight_decay: float = Field(0.0, ge=0.0)
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="sgd: Nesterov momentum `momentum`")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd's momentum")
+    lr_schedule: Literal["plateau", "linear"] = Field(
+        "plateau",
+        description="plateau: LR x0.1 on a val plateau, early stopping, best weights kept; linear: warm-up from "
+        "0.2 x lr over `warmup` of the steps, then linear decay to 0.07 x lr, all epochs, last weights kept",
+    )
+    warmup: float = Field(0.23, ge=0.0, lt=1.0, description="linear: share of the steps spent warming up")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    lookahead: bool = Field(
+        False, description="every 5 steps the weights restart from their running average (airbench's Lookahead)"
+    )
+    bias_lr_scale: float = Field(
+        1.0, gt=0.0, description="LR multiplier of biases and BatchNorm shifts (their weight decay divided by it)"
+    )
     patience: int = Field(4, ge=1, description="early stopping: epochs without val-loss improvement")
     plateau_patience: int = Field(2, ge=0, description="epochs without improvement before LR x0.1")
     freeze_bn: bool = Field(
@@ -76,14 +93,16 @@ def seed_everything(seed: int) -> None:
 Inputs = Callable[[torch.Tensor], torch.Tensor]
 
 
-def image_inputs(model: Classifier, images: torch.Tensor, runtime: Runtime, augment: A.Compose | None = None) -> Inputs:
-    """Rows of uint8 (N, H, W, 3): augmented on the host (albumentations), then moved and normalised."""
+def image_inputs(model: Classifier, images: torch.Tensor, runtime: Runtime, augment: Augmenter | None = None) -> Inputs:
+    """Rows of uint8 (N, H, W, 3), augmented in two parts: per image on the host (albumentations, when
+    the config has such layers), then moved, then batched on the device (flip, translate, cutout);
+    then normalised."""
 
     def get(idx: torch.Tensor) -> torch.Tensor:
-        x = images[idx]
-        if augment is not None:
-            x = augment_batch(x, augment)
-        return model.preprocess(runtime.put(x))
+        if augment is None:
+            return model.preprocess(runtime.put(images[idx]))
+        x = runtime.put(augment.host(images[idx]))
+        return model.preprocess(augment.batched(x))
 
     return get
 
@@ -107,6 +126,13 @@ class Step:
     loss_fn: nn.Module
     scaler: torch.amp.GradScaler
     runtime: Runtime
+    after: Callable[[], None] | None = None  # per-step work after the update: LR schedule, Lookahead
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Batches `train_epoch` trains on n rows: a last one too small for BatchNorm on every process is skipped."""
+    size = world()[1]
+    return n // batch_size + (1 if n % batch_size >= 2 * size else 0)
 
 
 def train_epoch(
@@ -118,8 +144,12 @@ def train_epoch(
     batch_size: int,
     generator: torch.Generator,
     epoch: int = 0,
+    targets: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """One pass over shuffled `labels`' rows; under torchrun each process takes every W-th row of a batch.
+
+    `targets`: soft targets (N, C) (rows sum to 1: pseudo-labels as distributions) the loss follows
+    instead of `labels`, which still score the training accuracy.
 
     `net` is the trained module (the model, its head on features, or either wrapped in DDP); the caller
     sets train/eval modes. A non-finite loss stops training with one line naming the epoch (the
@@ -133,10 +163,11 @@ def train_epoch(
             continue
         idx = idx[rank::size]
         y = step.runtime.put(labels[idx])
+        target = y if targets is None else step.runtime.put(targets[idx])
         step.optimizer.zero_grad(set_to_none=True)
         with step.runtime.autocast():  # forward only: backward follows the dtypes autocast recorded
             logits = net(inputs(idx)).float()  # (B, C) fp32, so the loss and its gradient start in fp32
-        loss = step.loss_fn(logits, y)
+        loss = step.loss_fn(logits, target)
         if not _all_finite(loss):
             lr = step.optimizer.param_groups[0]["lr"]
             raise SstlError(
@@ -145,6 +176,8 @@ def train_epoch(
         step.scaler.scale(loss).backward()
         step.scaler.step(step.optimizer)
         step.scaler.update()
+        if step.after is not None:
+            step.after()
         loss_sum += loss.item() * len(y)
         correct += int((logits.argmax(1) == y).sum().item())
         total += len(y)
@@ -218,13 +251,14 @@ def fit(
     num_classes: int,
     seed: int,
     runtime: Runtime = CPU,
-    augment: A.Compose | None = None,
+    augment: Augmenter | None = None,
     augment_head: bool = True,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     desc: str = "train",
     feature_cache: Path | None = None,
     state: Path | None = None,
     keep_state: bool = False,
+    targets: torch.Tensor | None = None,
 ) -> FitResult:
     """Train in the two phases; returns the history (one dict per epoch) and the best val loss.
 
@@ -238,8 +272,11 @@ def fit(
     `keep_state`: then the caller removes it (`drop_state`) once it has written what it makes of the
     fit, so that a kill in between does not cost the whole training (the state resumes at its end).
     `on_epoch` sees only the epochs this call trains (`history` holds the resumed ones too).
+    `targets`: soft targets (N, C) for `train`'s rows (see `train_epoch`); None: its labels.
+    A network with a whitening layer (airbench) not fitted yet gets it from `train`'s first images.
     """
     seed_everything(seed)
+    fit_whitening(model, train.images)
     model.to(runtime.device)
     generator = torch.Generator().manual_seed(seed)
     saver = _Saver(state, generator, augment)
@@ -254,10 +291,12 @@ def fit(
             runtime=runtime,
             augment=augment,
             augment_head=augment_head,
+            targets=targets,
         )
     saved = saver.load(desc, cfg.head_epochs + cfg.epochs)
     weight = class_weights(train.labels, num_classes).to(runtime.device) if cfg.class_weights else None
-    run = _Run(model, train, val, cfg, runtime, nn.CrossEntropyLoss(weight=weight), generator, saver, on_epoch)
+    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+    run = _Run(model, train, val, cfg, runtime, loss_fn, generator, saver, on_epoch, targets)
     if saved is not None:
         run.history, run.seen = list(saved["history"]), saved["seen"]
         run.start -= saved["seconds"]  # FitResult.seconds counts the killed runs' epochs too
@@ -324,6 +363,7 @@ class _Run:
     generator: torch.Generator
     saver: _Saver
     on_epoch: Callable[[dict[str, float]], None] | None
+    targets: torch.Tensor | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     seen: int = 0  # training images, summed over epochs
     start: float = field(default_factory=time.perf_counter)
@@ -343,22 +383,34 @@ class _Run:
         saved: dict[str, Any] | None,
     ) -> None:
         """Train up to `epochs` with `unfrozen` top blocks, from the start or from `saved`; keep the best."""
-        model, (net, _, val_in) = self.model, inputs
+        model, (net, _, val_in), cfg = self.model, inputs, self.cfg
         set_trainable(model, unfrozen)
-        params = [p for p in model.parameters() if p.requires_grad]
-        adam = torch.optim.Adam(params, lr=lr, weight_decay=self.cfg.weight_decay)
-        step = Step(adam, self.loss_fn, self.runtime.grad_scaler(), self.runtime)
-        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(adam, factor=0.1, patience=self.cfg.plateau_patience)
+        optimizer = make_optimizer(model, cfg, lr)
+        per_step = cfg.lr_schedule == "linear"  # else the LR follows val plateaus, epoch by epoch
+        total = epochs * steps_per_epoch(len(self.train), cfg.batch_size)
+        scheduler = make_scheduler(optimizer, cfg, total)
+        average = Lookahead(model, total) if cfg.lookahead else None
+
+        def after_step() -> None:
+            if per_step:
+                scheduler.step()
+            if average is not None:
+                average.step()
+
+        step = Step(optimizer, self.loss_fn, self.runtime.grad_scaler(), self.runtime, after_step)
         trained = _data_parallel(net, self.runtime)
         if saved is None:
             first = evaluate_loss(net, val_in, self.val.labels, runtime=self.runtime) if phase > 1 else None
-            stop = _Stopping(_score(first, self.cfg.monitor) if first else (math.inf, math.inf), _copy(model))
+            stop = _Stopping(_score(first, cfg.monitor) if first else (math.inf, math.inf), _copy(model))
         else:  # after the set-up: the saved RNG states already count whatever it drew
-            stop = _restore(saved, step=step, plateau=plateau, saver=self.saver)
-        while stop.done < epochs and stop.stale < self.cfg.patience:
+            stop = _restore(saved, step=step, plateau=scheduler, saver=self.saver)
+            if average is not None:
+                average.load_state_dict(saved["lookahead"])
+        while stop.done < epochs and (per_step or stop.stale < cfg.patience):
             row = self.epoch(phase, unfrozen=unfrozen, trained=trained, inputs=inputs, step=step)
-            score = _agreed(_score(row, self.cfg.monitor))  # every process takes rank 0's decisions
-            plateau.step(score[0])
+            score = _agreed(_score(row, cfg.monitor))  # every process takes rank 0's decisions
+            if not per_step:
+                scheduler.step(score[0])  # ReduceLROnPlateau: the metric
             improved = stop.update(score, model)
             self.saver.save(
                 phase=phase,
@@ -366,15 +418,20 @@ class _Run:
                 stale=stop.stale,
                 best_score=list(stop.best_score),
                 model=model.state_dict(),
-                best=None if improved else stop.best_state,  # None: the best is `model` (half the bytes)
-                optimizer=adam.state_dict(),
-                scheduler=plateau.state_dict(),
+                # None: the best is `model` (half the bytes), or unused (a linear schedule keeps the last)
+                best=None if improved or per_step else stop.best_state,
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(),
                 scaler=step.scaler.state_dict(),
+                lookahead=None if average is None else average.state_dict(),
                 history=self.history,
                 seen=self.seen,
                 seconds=self.elapsed(),
             )
-        model.load_state_dict(stop.best_state)
+        if average is not None:
+            average.finish()
+        if not per_step:
+            model.load_state_dict(stop.best_state)
 
     def epoch(
         self, phase: int, *, unfrozen: int, trained: nn.Module, inputs: tuple[nn.Module, Inputs, Inputs], step: Step
@@ -386,7 +443,14 @@ class _Run:
         train_mode(self.model, unfrozen, freeze_bn=self.cfg.freeze_bn)
         batch = self.cfg.batch_size
         row |= train_epoch(
-            trained, train_in, self.train.labels, step, batch_size=batch, generator=self.generator, epoch=number
+            trained,
+            train_in,
+            self.train.labels,
+            step,
+            batch_size=batch,
+            generator=self.generator,
+            epoch=number,
+            targets=self.targets,
         )
         _sync_buffers(self.model)
         row |= evaluate_loss(net, val_in, self.val.labels, runtime=self.runtime)
@@ -397,6 +461,74 @@ class _Run:
             self.on_epoch(row)
         self.bar.update(1)
         return row
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    """Adam, or SGD with Nesterov momentum, over the trainable parameters. With `bias_lr_scale` != 1 the
+    backbone's biases and BatchNorm shifts (its 1-d parameters; not the head's) form a group of their own
+    at lr x scale and weight decay / scale, so that their decay per step stays the same (airbench)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups: list[dict[str, Any]] = [{"params": trainable, "lr": lr, "weight_decay": cfg.weight_decay}]
+    if cfg.bias_lr_scale != 1.0:
+        scale, backbone = cfg.bias_lr_scale, getattr(model, "backbone", model)
+        shifts = {id(p) for p in backbone.parameters() if p.ndim <= 1}
+        groups = [
+            {"params": [p for p in trainable if id(p) not in shifts], "lr": lr, "weight_decay": cfg.weight_decay},
+            {"params": [p for p in trainable if id(p) in shifts], "lr": lr * scale, "weight_decay": cfg.weight_decay / scale},  # noqa: E501
+        ]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=True)
+    return torch.optim.Adam(groups, lr=lr)
+
+
+def linear_factor(step: int, total: int, warmup: float) -> float:
+    """LR multiplier at `step` of `total` (airbench): 0.2 -> 1 over the warm-up, then 1 -> 0.07 at the end."""
+    up = int(total * warmup)
+    if step < up:
+        return 0.2 + 0.8 * step / up
+    return 1.0 - 0.93 * (step - up) / max(total - up, 1)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total: int) -> Any:
+    """ReduceLROnPlateau (stepped per epoch with the val score), or the linear schedule (stepped per batch)."""
+    if cfg.lr_schedule == "linear":
+        factor = functools.partial(linear_factor, total=total, warmup=cfg.warmup)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=cfg.plateau_patience)
+
+
+class Lookahead:
+    """airbench's weight averaging: an average of the weights (BatchNorm statistics too) whose decay rises as
+    0.95^5 (t / T)^3 over a phase's T steps; every 5 steps the network restarts from it. Early on it barely
+    holds the weights back; late, it damps the noise of the last steps like an EMA."""
+
+    def __init__(self, model: nn.Module, total: int) -> None:
+        self.model, self.total, self.t = model, max(total, 1), 0
+        self.average = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    def step(self) -> None:
+        self.t += 1
+        if self.t % 5 == 0:
+            self._sync(0.95**5 * (self.t / self.total) ** 3)
+
+    def finish(self) -> None:
+        """The network takes the average itself."""
+        self._sync(1.0)
+
+    @torch.no_grad()
+    def _sync(self, decay: float) -> None:
+        state = self.model.state_dict()
+        for k, avg in self.average.items():
+            avg.lerp_(state[k], 1.0 - decay)
+            state[k].copy_(avg)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"t": self.t, "average": self.average}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        self.t = saved["t"]
+        for k, avg in self.average.items():
+            avg.copy_(saved["average"][k])
 
 
 def _copy(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -426,8 +558,9 @@ def fingerprint(
     num_classes: int,
     seed: int,
     runtime: Runtime,
-    augment: A.Compose | None,
+    augment: Augmenter | None,
     augment_head: bool,
+    targets: torch.Tensor | None = None,
 ) -> str:
     """sha256 of what decides a fit's every step: a state saved under another one is not resumed.
 
@@ -440,9 +573,8 @@ def fingerprint(
         seed,
         num_classes,
         model_digest(model),
-        repr(augment),
+        None if augment is None else augment.describe(),  # its config, seed and RNG position
         augment_head,
-        _augment_rngs(augment),
         runtime.precision,
         runtime.describe()["device_name"],
         world()[1],
@@ -452,26 +584,12 @@ def fingerprint(
         h.update(f"{part}\n".encode())
     for data in (train, val):
         h.update(data_digest(data.images, data.labels).encode())
+    if targets is not None:
+        h.update(hashlib.sha256(targets.float().contiguous().numpy().tobytes()).digest())
     return h.hexdigest()
 
 
-def _augment_nodes(augment: A.Compose | None) -> list[Any]:
-    """Every Compose and transform in the tree, in a fixed order: albumentations gives each node its own
-    numpy and python generators (seeded by Compose(seed=...)), independent of the global ones."""
-    nodes, todo = [], [] if augment is None else [augment]
-    while todo:
-        node = todo.pop(0)
-        nodes.append(node)
-        if isinstance(node, A.BaseCompose):
-            todo.extend(node.transforms)
-    return nodes
-
-
-def _augment_rngs(augment: A.Compose | None) -> list[tuple[Any, Any]]:
-    return [(n.random_generator.bit_generator.state, n.py_random.getstate()) for n in _augment_nodes(augment)]
-
-
-def rng_state(generator: torch.Generator, augment: A.Compose | None) -> dict[str, Any]:
+def rng_state(generator: torch.Generator, augment: Augmenter | None) -> dict[str, Any]:
     """Every random stream a training epoch draws from, as plain values (loadable with weights_only)."""
     numpy_state = np.random.get_state(legacy=False)
     numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()  # uint32 (624,) -> ints
@@ -481,11 +599,11 @@ def rng_state(generator: torch.Generator, augment: A.Compose | None) -> dict[str
         "torch": torch.get_rng_state(),
         "shuffle": generator.get_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-        "augment": _augment_rngs(augment),
+        "augment": None if augment is None else augment.get_state(),  # its torch and albumentations RNGs
     }
 
 
-def set_rng_state(saved: dict[str, Any], generator: torch.Generator, augment: A.Compose | None) -> None:
+def set_rng_state(saved: dict[str, Any], generator: torch.Generator, augment: Augmenter | None) -> None:
     """Put back what `rng_state` took: the next epoch then shuffles, drops out and augments as it would have."""
     random.setstate(saved["python"])
     numpy_state = copy.deepcopy(saved["numpy"])
@@ -495,9 +613,8 @@ def set_rng_state(saved: dict[str, Any], generator: torch.Generator, augment: A.
     generator.set_state(saved["shuffle"])
     if saved["cuda"]:
         torch.cuda.set_rng_state_all(saved["cuda"])
-    for node, (np_rng, py_rng) in zip(_augment_nodes(augment), saved["augment"], strict=True):
-        node.random_generator.bit_generator.state = np_rng
-        node.py_random.setstate(py_rng)
+    if augment is not None:
+        augment.set_state(saved["augment"])
 
 
 class _Saver:
@@ -509,7 +626,7 @@ class _Saver:
     saved or read.
     """
 
-    def __init__(self, path: Path | None, generator: torch.Generator, augment: A.Compose | None) -> None:
+    def __init__(self, path: Path | None, generator: torch.Generator, augment: Augmenter | None) -> None:
         self.path = None if path is None else Path(path)
         self.fingerprint = ""
         self.generator, self.augment = generator, augment
@@ -561,9 +678,7 @@ def drop_state(state: Path | None) -> None:
         Path(state).unlink(missing_ok=True)
 
 
-def _restore(
-    saved: dict[str, Any], *, step: Step, plateau: torch.optim.lr_scheduler.ReduceLROnPlateau, saver: _Saver
-) -> _Stopping:
+def _restore(saved: dict[str, Any], *, step: Step, plateau: Any, saver: _Saver) -> _Stopping:
     """Put a saved phase back: optimizer, scheduler, grad scaler and every RNG; its early-stopping state."""
     step.optimizer.load_state_dict(saved["optimizer"])
     plateau.load_state_dict(saved["scheduler"])
@@ -598,7 +713,7 @@ def _phase_inputs(
     train: ImageSet,
     val: ImageSet,
     unfrozen: int,
-    augment: A.Compose | None,
+    augment: Augmenter | None,
     runtime: Runtime,
     cache: Path | None,
 ) -> tuple[nn.Module, Inputs, Inputs]:

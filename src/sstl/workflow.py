@@ -15,19 +15,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import albumentations as A
+import numpy as np
 import torch
 
 from sstl import tracking
 from sstl.dataset import ImageSet, load_images
+from sstl.errors import SstlError
 from sstl.files import check_writable, write_csv
-from sstl.inference import infer
+from sstl.inference import Tta, infer
 from sstl.metrics import classification_report
 from sstl.models import Classifier, ModelConfig, create_model, save_checkpoint
 from sstl.params import TeacherParams
-from sstl.pseudolabel import SelectConfig, file_digest, select_pool
+from sstl.pseudolabel import SelectConfig, file_digest, select_pool_logits, soft_targets
 from sstl.runtime import CPU, Runtime, world
 from sstl.training import FitResult, TrainConfig, data_digest, drop_state, fit, seed_everything
+from sstl.transforms import Augmenter, augmenter
 from sstl.tune import SpaceEntry, search
 
 
@@ -74,10 +76,11 @@ def train_and_save(
     classes: list[str],
     seed: int,
     runtime: Runtime = CPU,
-    augment: A.Compose | None = None,
+    augment: Augmenter | None = None,
     augment_head: bool = True,
     feature_cache: Path | None = None,
     state: Path | None = None,
+    targets: torch.Tensor | None = None,
 ) -> FitResult:
     """Fit, then (on rank 0) write the checkpoint, with its resolved config and runtime, and the per-epoch
     curve; log both. Under torchrun every process trains; one writes.
@@ -105,6 +108,7 @@ def train_and_save(
         feature_cache=feature_cache,
         state=state,
         keep_state=True,
+        targets=targets,
     )
     if not lead:
         return result
@@ -170,6 +174,8 @@ def tune_teacher(
                 num_classes=num_classes,
                 seed=seed,
                 runtime=runtime,
+                augment=None if cfg.augment is None else augmenter(cfg.augment, int(labeled.images.shape[1]), seed),
+                augment_head=cfg.augment is None or cfg.augment.head_phase,
                 on_epoch=tracking.log_epoch,
                 desc=f"trial {trial}",
                 feature_cache=feature_cache,
@@ -260,20 +266,22 @@ def pseudolabel(
     state_dir: Path | None = None,
     on_shard: Callable[[int], None] | None = None,
     runtime: Runtime = CPU,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
-    """Stream the teacher over the prepared unlabelled pool and select; (selected rows, per-class counts).
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], torch.Tensor] | None:
+    """Stream the teacher over the prepared unlabelled pool and select: (selected rows, per-class
+    counts, soft targets), the soft targets float32 (M, C), row i = softmax(logits / cfg.temperature)
+    of the image of rows[i] (an image selected for two classes has its distribution in both rows).
 
-    The pool is read shard by shard from its memory-mapped .npy (see select_pool: resumable from
-    `state_dir`, shared among torchrun processes). None on torchrun ranks other than 0.
+    The pool is read shard by shard from its memory-mapped .npy (see select_pool_logits: resumable
+    from `state_dir`, shared among torchrun processes). None on torchrun ranks other than 0.
     """
     images = load_images(prepared, "unlabeled")
     manifest = Path(prepared) / "manifest.csv"
-    selection = select_pool(
+    selected = select_pool_logits(
         model, images, cfg, len(classes), state_dir, file_digest(manifest), on_shard, runtime=runtime
     )
-    if selection is None:
+    if selected is None:
         return None
-    index, label, score = selection
+    (index, label, score), logits = selected
     paths = split_paths(manifest, "unlabeled", set(index.tolist()))
     rows = [
         {"index": i, "path": paths[i], "label": classes[c], "label_index": c, "score": round(s, 6)}
@@ -281,7 +289,7 @@ def pseudolabel(
     ]
     n = Counter(r["label"] for r in rows)
     counts = [{"class": name, "count": n.get(name, 0)} for name in classes]
-    return rows, counts
+    return rows, counts, soft_targets(logits, cfg.temperature)
 
 
 def split_paths(manifest: Path, split: str, wanted: set[int]) -> dict[int, str]:
@@ -303,8 +311,28 @@ def pseudo_set(pool: ImageSet, rows: list[dict[str, str]]) -> ImageSet:
     return chosen
 
 
+def pseudo_targets(
+    pool: ImageSet, rows: list[dict[str, str]], probs: np.ndarray | torch.Tensor
+) -> tuple[ImageSet, torch.Tensor]:
+    """The pseudo-labelled images with their hard labels (pseudo_set) and soft targets: float32 (M, C),
+    row i the teacher's distribution for rows[i] (pseudolabels.csv and pseudoprobs.npy as the
+    pseudolabel stage wrote them; for a cross-entropy with probability targets)."""
+    targets = probs.float() if isinstance(probs, torch.Tensor) else torch.from_numpy(np.array(probs, dtype=np.float32))
+    if targets.ndim != 2 or len(targets) != len(rows):
+        raise SstlError(
+            f"the soft targets hold {tuple(targets.shape)} values for {len(rows)} pseudo-labels: they must be "
+            "(pseudo-labels, classes) of the same pseudolabel run (re-run it: `dvc repro pseudolabel`)"
+        )
+    chosen = pseudo_set(pool, rows)
+    if len(rows) and int(chosen.labels.max()) >= targets.shape[1]:
+        raise SstlError(
+            f"a pseudo-label names class {int(chosen.labels.max())}, the soft targets have {targets.shape[1]}"
+        )
+    return chosen, targets
+
+
 def evaluate_model(
-    model: Classifier, data: ImageSet, *, num_classes: int, bins: int, runtime: Runtime = CPU
+    model: Classifier, data: ImageSet, *, num_classes: int, bins: int, runtime: Runtime = CPU, tta: Tta = "none"
 ) -> dict[str, Any]:
-    logits = infer(model, data.images, runtime=runtime, desc="evaluate")
+    logits = infer(model, data.images, runtime=runtime, desc="evaluate", tta=tta)
     return classification_report(logits, data.labels, num_classes, bins)
