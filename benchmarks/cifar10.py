@@ -37,7 +37,8 @@ STAGES = ("prepare", "pretrain", "tune", "teacher", "pseudolabel", "student", "f
 
 
 REPLACE = ("tune.space",)  # sections the profile replaces instead of merging into
-WHOLE = ("data.test_add_corruptions", "teacher.augment")  # set as one value (its default is null, which has no keys to set)
+# set as one value (their default is null, which has no keys to set)
+WHOLE = ("data.test_add_corruptions", "teacher.augment")
 
 
 def hydra(v: object) -> str:

@@ -233,3 +233,17 @@ def test_predict_error_names_the_file_without_object_addresses(checkpoint: Path,
     res = runner.invoke(app, ["predict", str(bad), str(other), "--model", str(checkpoint)])
     assert res.exit_code == 1 and len(res.stderr.strip().splitlines()) == 1
     assert res.stderr.startswith("error: none of the 2 images could be read, e.g. ")
+
+
+def test_predict_tta_flag_changes_scores_and_rejects_unknown(checkpoint: Path, images: Path) -> None:
+    def probs(*extra: str) -> list[float]:
+        res = runner.invoke(
+            app, ["predict", str(images / "a.png"), "--model", str(checkpoint), "--format", "json", *extra]
+        )
+        assert res.exit_code == 0, res.output
+        return [p["probability"] for p in json.loads(res.stdout)[0]["predictions"]]
+
+    assert probs("--tta", "none") == probs()  # no params.yaml here: none
+    assert len(probs("--tta", "flip_translate")) == 3  # (that TTA changes logits: tests/test_inference.py)
+    res = runner.invoke(app, ["predict", str(images / "a.png"), "--model", str(checkpoint), "--tta", "rotate"])
+    assert res.exit_code == 2 and "rotate" in res.output

@@ -10,7 +10,15 @@ import torchvision
 from torch import nn
 
 from sstl.errors import SstlError
-from sstl.models import ARCHS, ModelConfig, create_model, load_checkpoint, save_checkpoint, set_trainable
+from sstl.models import (
+    ARCHS,
+    ModelConfig,
+    create_model,
+    fit_whitening,
+    load_checkpoint,
+    save_checkpoint,
+    set_trainable,
+)
 
 PROXY_VARS = ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY")
 
@@ -307,3 +315,39 @@ def test_freeze_bn_keeps_every_batchnorm_in_eval_mode() -> None:
     train_mode(model, 2, freeze_bn=True)
     assert not any(m.training for m in bns)
     assert model.head.training and model.blocks[-1][0].training
+
+
+def test_whitening_decorrelates_patches() -> None:
+    """The fitted 2x2 filters (first half) map the images' patches to unit covariance: whitened inputs."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(0, 256, (64, 17, 17, 3), generator=g, dtype=torch.uint8)
+    images = torch.nn.functional.interpolate(base.permute(0, 3, 1, 2).float(), size=32).permute(0, 2, 3, 1)
+    images = images.to(torch.uint8)  # neighbouring pixels equal in pairs: strongly correlated patches
+    model = create_model(ModelConfig(arch="airbench_s", head_layers=0, dropout=0.0), 10)
+    whiten = model.backbone[0][0]
+    assert not bool(whiten.ready)
+    assert fit_whitening(model, images) is True
+    assert bool(whiten.ready) and fit_whitening(model, images) is False  # fitted once, kept after
+    x = model.preprocess(images)
+    out = torch.nn.functional.conv2d(x, whiten.weight[:12]).permute(0, 2, 3, 1).reshape(-1, 12).double()
+    cov = out.T @ out / len(out)
+    # the eps of 5e-4 shrinks the smallest directions a little; all others are whitened
+    assert torch.allclose(cov.diagonal()[:8], torch.ones(8, dtype=torch.float64), atol=0.05)
+    off = cov - torch.diag(cov.diagonal())
+    assert off.abs().max() < 0.05
+    assert torch.equal(whiten.weight[12:], -whiten.weight[:12])
+
+
+def test_airbench_widths_and_checkpoint_keep_the_whitening(tmp_path: Path) -> None:
+    cfg = ModelConfig(arch="airbench_s", head_layers=0, dropout=0.0, widths=(8, 16, 24))
+    model = create_model(cfg, 3)
+    images = torch.randint(0, 256, (20, 32, 32, 3), dtype=torch.uint8)
+    fit_whitening(model, images)
+    assert model.head[-1].in_features == 24
+    assert model(model.preprocess(images)).shape == (20, 3)
+    save_checkpoint(tmp_path / "m.pt", model, cfg, ["a", "b", "c"], 32)
+    loaded, _ = load_checkpoint(tmp_path / "m.pt")
+    assert torch.equal(loaded.backbone[0][0].weight, model.backbone[0][0].weight)
+    assert fit_whitening(loaded, images) is False  # a loaded network is never refitted
+    loaded.eval(), model.eval()
+    assert torch.equal(loaded(loaded.preprocess(images)), model(model.preprocess(images)))

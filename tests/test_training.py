@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from sstl.dataset import ImageSet
 from sstl.models import ModelConfig, create_model
-from sstl.training import FitResult, TrainConfig, class_weights, fit
+from sstl.training import FitResult, Lookahead, TrainConfig, class_weights, fit, linear_factor, make_optimizer
 
 SIZE = 16
 SCHEDULE = TrainConfig(
@@ -115,3 +117,88 @@ def test_class_weights_used_in_fit() -> None:
     cfg = TrainConfig(head_epochs=1, epochs=0, lr=1e-3, class_weights=True, batch_size=32)
     result = fit(new_model("mobilenet_v3_small"), train, VAL, cfg, num_classes=2, seed=0)
     assert len(result.history) == 1
+
+
+AIRBENCH = TrainConfig(
+    head_epochs=0,
+    epochs=3,
+    lr=0.5,
+    finetune_lr=0.5,
+    optimizer="sgd",
+    momentum=0.85,
+    lr_schedule="linear",
+    label_smoothing=0.2,
+    lookahead=True,
+    bias_lr_scale=8,
+    weight_decay=1e-3,
+    batch_size=8,
+    unfreeze_blocks=100,
+    patience=1,
+)
+
+
+def test_linear_schedule_warms_up_then_decays() -> None:
+    total = 100
+    factors = [linear_factor(s, total, 0.23) for s in range(total + 1)]
+    assert factors[0] == pytest.approx(0.2)
+    assert max(factors) == pytest.approx(1.0) and factors.index(max(factors)) == 23
+    assert factors[-1] == pytest.approx(0.07)
+    assert all(a <= b for a, b in zip(factors[:23], factors[1:24], strict=True))  # rising
+    assert all(a >= b for a, b in zip(factors[23:-1], factors[24:], strict=True))  # then falling
+
+
+def test_optimizer_groups_scale_backbone_shifts_only() -> None:
+    model = create_model(ModelConfig(arch="airbench_s", head_layers=0, dropout=0.0, widths=(8, 8, 8)), 2)
+    opt = make_optimizer(model, AIRBENCH, 0.5)
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["nesterov"]
+    weights, shifts = opt.param_groups
+    assert shifts["lr"] == pytest.approx(4.0) and shifts["weight_decay"] == pytest.approx(1e-3 / 8)
+    head_bias = model.head[-1].bias
+    assert any(p is head_bias for p in weights["params"])  # the head's bias is not a backbone shift
+    assert all(p.ndim == 1 for p in shifts["params"]) and len(shifts["params"]) == 1 + 6  # whitening + 6 BN
+    plain = make_optimizer(model, TrainConfig(), 1e-3)
+    assert isinstance(plain, torch.optim.Adam) and len(plain.param_groups) == 1
+
+
+def test_lookahead_pulls_weights_to_their_average() -> None:
+    net = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        net.weight.fill_(0.0)
+    average = Lookahead(net, total=5)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    for _ in range(4):
+        average.step()
+    assert torch.equal(net.weight, torch.ones(1, 2))  # no sync before the 5th step
+    average.step()  # t = T: decay 0.95^5; the average moves 1 - 0.774 of the way, and the net restarts there
+    assert torch.allclose(net.weight, torch.full((1, 2), 1 - 0.95**5))
+    saved = copy.deepcopy(average.state_dict())
+    with torch.no_grad():
+        net.weight.fill_(3.0)
+    average.finish()
+    assert torch.allclose(net.weight, torch.full((1, 2), 1 - 0.95**5))  # finish: the network is the average
+    average.load_state_dict(saved)
+    assert average.t == 5
+
+
+def test_linear_recipe_runs_every_epoch_and_keeps_the_last_weights() -> None:
+    model = create_model(ModelConfig(arch="airbench_s", head_layers=0, dropout=0.0, widths=(8, 8, 8)), 2)
+    result = fit(model, TRAIN, VAL, AIRBENCH, num_classes=2, seed=0)
+    assert len(result.history) == AIRBENCH.epochs  # patience 1 does not stop a linear schedule
+    lrs = [row["lr"] for row in result.history]
+    assert lrs[0] == pytest.approx(0.5 * 0.2)  # logged at the start of each epoch: the warm-up's first step
+    assert result.history[-1]["val_acc"] == pytest.approx(result.best_val_acc)  # last weights, not the best epoch
+    assert result.best_val_acc > 0.9
+    assert bool(model.backbone[0][0].ready)  # whitening fitted from the training images
+
+
+def test_soft_targets_drive_the_loss() -> None:
+    """Targets that contradict the labels: the network learns the targets; the labels only score accuracy."""
+    flipped = torch.nn.functional.one_hot(1 - TRAIN.labels, 2).float()
+    cfg = TrainConfig(head_epochs=0, epochs=4, finetune_lr=3e-3, unfreeze_blocks=100, batch_size=10, patience=10)
+    model = new_model("convnet_s")
+    result = fit(model, TRAIN, VAL, cfg, num_classes=2, seed=0, targets=flipped)
+    assert result.history[-1]["train_acc"] < 0.2  # trained toward the flipped targets
+    model_hard = new_model("convnet_s")
+    hard = fit(model_hard, TRAIN, VAL, cfg, num_classes=2, seed=0)
+    assert hard.history[-1]["train_acc"] > 0.8

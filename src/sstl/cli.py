@@ -200,23 +200,40 @@ class Format(str, Enum):
     json = "json"
 
 
+class TtaMode(str, Enum):
+    none = "none"
+    flip = "flip"
+    flip_translate = "flip_translate"
+
+
 @app.command()
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="image files or folders")],
     model: Annotated[Path, typer.Option(help="checkpoint to use")] = Path("models/finetuned.pt"),
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="classes per image")] = 3,
     fmt: Annotated[Format, typer.Option("--format", help="table, csv or json")] = Format.table,
+    tta: Annotated[
+        TtaMode | None, typer.Option(help="test-time augmentation (default: params.yaml's evaluate.tta, else none)")
+    ] = None,
 ) -> None:
     """Classify images with the fine-tuned student: top-k classes with probabilities."""
     from sstl.models import load_checkpoint
+    from sstl.params import load_params
     from sstl.predict import collect_images, render
     from sstl.predict import predict as run_predict
 
     with user_errors():
+        mode = tta.value if tta is not None else (load_params(PARAMS).evaluate.tta if PARAMS.is_file() else "none")
         net, meta = load_checkpoint(model)
         images = collect_images(paths)
         rows = run_predict(
-            net, meta["classes"], meta["image_size"], images, top_k, interpolation=meta.get("interpolation")
+            net,
+            meta["classes"],
+            meta["image_size"],
+            images,
+            top_k,
+            interpolation=meta.get("interpolation"),
+            tta=mode,
         )
         typer.echo(render(rows, fmt.value))
 

@@ -474,7 +474,11 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim
         shifts = {id(p) for p in backbone.parameters() if p.ndim <= 1}
         groups = [
             {"params": [p for p in trainable if id(p) not in shifts], "lr": lr, "weight_decay": cfg.weight_decay},
-            {"params": [p for p in trainable if id(p) in shifts], "lr": lr * scale, "weight_decay": cfg.weight_decay / scale},  # noqa: E501
+            {
+                "params": [p for p in trainable if id(p) in shifts],
+                "lr": lr * scale,
+                "weight_decay": cfg.weight_decay / scale,
+            },  # noqa: E501
         ]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=True)
