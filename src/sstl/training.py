@@ -478,7 +478,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim
                 "params": [p for p in trainable if id(p) in shifts],
                 "lr": lr * scale,
                 "weight_decay": cfg.weight_decay / scale,
-            },  # noqa: E501
+            },
         ]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=True)
