@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import albumentations as A
 import pytest
 import torch
 from test_training import SCHEDULE, TRAIN, VAL, new_model
@@ -17,6 +16,7 @@ from sstl.params import parse_params
 from sstl.pseudolabel import SelectConfig, select_pool
 from sstl.runtime import CPU, Runtime, make_runtime, resolve_device
 from sstl.training import TrainConfig, features, fit
+from sstl.transforms import AugmentConfig, augmenter
 
 POOL = torch.randint(0, 256, (96, 16, 16, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
 CFG = SelectConfig(method="topk", top_k=15, top_p=2, batch_size=16, shard_size=16)  # 96 images: 6 shards
@@ -146,7 +146,10 @@ HEAD_ONLY = TrainConfig(head_epochs=4, epochs=0, lr=3e-3, batch_size=8, patience
 def test_head_on_features_learns_what_the_head_on_images_learns(tmp_path: Path) -> None:
     """Phase 1 with a frozen backbone: training the head on precomputed features gives the same
     head as pushing every batch through the backbone (the old path, still used under augmentation)."""
-    no_op = A.Compose([A.NoOp()], seed=0)  # an augmentation that changes no pixel: forces the image path
+    # an augmentation that changes no pixel (every layer off): forces the image path
+    no_op = augmenter(
+        AugmentConfig(hflip=False, crop_scale=1, rotate=0, translate=0, color=0, blur_noise=0, erase=0), 16, 0
+    )
     on_images, on_features = new_model(), new_model()
     a = fit(on_images, TRAIN, VAL, HEAD_ONLY, num_classes=2, seed=0, augment=no_op)
     b = fit(on_features, TRAIN, VAL, HEAD_ONLY, num_classes=2, seed=0, feature_cache=tmp_path)
