@@ -1,5 +1,6 @@
 """Stage evaluate: teacher, student and fine-tuned student on test and test-add, and on val for the
-health checks (collapse, a model below its predecessor) and the choice of the model to use.
+health checks (collapse, a model below its predecessor) and the choice of the model to use. The
+fine-tuned student is published to the MLflow registry (`mlflow.model_name`, sstl.registry).
 
 `evaluate.tta` averages each model's logits over flipped (and shifted) views (sstl.inference)."""
 
@@ -7,12 +8,14 @@ from pathlib import Path
 
 import _checkout  # noqa: F401  (this checkout's src/ first: see stages/_checkout.py)
 
-from sstl import health, tracking
+from sstl import health, registry, tracking
 from sstl.dataset import load_classes, load_split
+from sstl.environment import describe
 from sstl.errors import stage_main
 from sstl.files import write_csv, write_json, write_text
+from sstl.model_card import gather_data, gather_params, model_card
 from sstl.models import load_checkpoint
-from sstl.params import load_params
+from sstl.params import Params, load_params
 from sstl.report import summary_markdown
 from sstl.workflow import evaluate_model
 
@@ -20,7 +23,7 @@ PREPARED = Path("data/prepared")
 MODELS = {name: Path(f"models/{name}.pt") for name in ("teacher", "student", "finetuned")}
 SPLITS = ("val", "test", "test-add")  # val: checks and choice only, never in the metrics
 METRICS, PER_CLASS, HEALTH = Path("reports/metrics.json"), Path("reports/per_class.json"), Path("reports/health.json")
-CONFUSION, SUMMARY = Path("reports/confusion"), Path("reports/summary.md")
+CONFUSION, SUMMARY, CARD = Path("reports/confusion"), Path("reports/summary.md"), Path("reports/model_card.md")
 
 
 @stage_main
@@ -30,12 +33,13 @@ def main() -> None:
     classes = load_classes(PREPARED)
     data = {split: load_split(PREPARED, split) for split in SPLITS}
     absent = [s for s, d in data.items() if len(d) == 0 and s != "val"]  # e.g. a folder without test-add/
-    metrics, per_class, val_acc, collapses = {}, {}, {}, {}
+    metrics, per_class, val_acc, collapses, confusion, reliability, checkpoints = {}, {}, {}, {}, {}, {}, {}
     with tracking.stage_run(
         "evaluate", p.mlflow.experiment, {**runtime.describe(), "evaluate": p.evaluate.model_dump()}
     ):
         for name, path in MODELS.items():
-            model, _ = load_checkpoint(path, runtime.device)
+            model, payload = load_checkpoint(path, runtime.device)
+            checkpoints[name] = {k: v for k, v in payload.items() if k != "state_dict"}
             for split, d in data.items():
                 if len(d) == 0:
                     continue
@@ -53,6 +57,8 @@ def main() -> None:
                     for t, q in zip(d.labels.tolist(), r["predictions"], strict=True)
                 ]
                 write_csv(CONFUSION / f"{name}-{split}.csv", rows)
+                confusion.setdefault(name, {})[split] = rows
+                reliability.setdefault(name, {})[split] = r["reliability"]
         warnings = health.check_models(val_acc, collapses)
         verdict = {
             "val_accuracy": val_acc,
@@ -64,11 +70,40 @@ def main() -> None:
         write_json(PER_CLASS, per_class)
         write_json(HEALTH, verdict)
         write_text(SUMMARY, summary_markdown(metrics, verdict))
+        card = model_card(
+            metrics=metrics,
+            per_class=per_class,
+            confusion=confusion,
+            reliability=reliability,
+            verdict=verdict,
+            data=data_section(p),
+            params=gather_params(checkpoints, p.model_dump()),
+            environment=describe(),
+        )
+        write_text(CARD, card)
         tracking.log_metrics(metrics | {"val_accuracy": val_acc})
         tracking.set_tags({"sstl.use": verdict["use"], "sstl.warnings": "; ".join(warnings) or "none"})
-        tracking.log_artifacts(METRICS, PER_CLASS, HEALTH, SUMMARY, CONFUSION)
+        tracking.log_artifacts(METRICS, PER_CLASS, HEALTH, SUMMARY, CONFUSION, CARD)
+        if p.mlflow.model_name and "test" in metrics["finetuned"]:
+            decision = registry.publish(
+                MODELS["finetuned"],
+                name=p.mlflow.model_name,
+                metrics=metrics["finetuned"],
+                tta=p.evaluate.tta,
+                example=data["test"].images[0].numpy(),
+            )
+            print(f"registered {p.mlflow.model_name}: {decision['champion']} champion ({decision['champion_reason']})")
     health.warn("evaluate", warnings)
     print(SUMMARY.read_text())
+
+
+def data_section(p: Params) -> dict:
+    corruptions = p.data.test_add_corruptions
+    return gather_data(
+        PREPARED,
+        folder=p.data.folder,
+        test_add_corruptions=None if corruptions is None else corruptions.model_dump(),
+    )
 
 
 if __name__ == "__main__":

@@ -6,7 +6,13 @@ import pytest
 import sklearn.metrics as skm
 import torch
 
-from sstl.metrics import classification_report, confusion_matrix, expected_calibration_error, macro_f1
+from sstl.metrics import (
+    classification_report,
+    confusion_matrix,
+    expected_calibration_error,
+    macro_f1,
+    reliability_bins,
+)
 
 
 def random_case(seed: int, n: int = 300, c: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,3 +92,48 @@ def test_ece_in_report_matches_function() -> None:
     logits, target = random_case(5)
     rep = classification_report(logits, target, 6, bins=10)
     assert rep["ece"] == pytest.approx(expected_calibration_error(logits.softmax(1), target, 10))
+
+
+# ---------------------------------------------------------------- reliability_bins
+
+
+def ece_from_bins(bins: list[dict]) -> float:
+    n = sum(b["count"] for b in bins)
+    return sum(b["count"] / n * abs(b["accuracy"] - b["confidence"]) for b in bins if b["count"])
+
+
+@pytest.mark.parametrize(("seed", "bins"), [(0, 15), (1, 10), (2, 1), (3, 7)])
+def test_reliability_bins_sum_to_count_and_reproduce_ece(seed: int, bins: int) -> None:
+    logits, target = random_case(seed)
+    probs = logits.softmax(1)
+    rows = reliability_bins(probs, target, bins)
+    assert len(rows) == bins
+    assert sum(r["count"] for r in rows) == len(target)
+    assert ece_from_bins(rows) == pytest.approx(expected_calibration_error(probs, target, bins), abs=1e-6)
+
+
+def test_reliability_bins_by_hand() -> None:
+    # four at confidence 0.9 (2 right), one at 0.65 (right); 10 bins of width 0.1
+    probs = torch.tensor([[0.9, 0.1]] * 4 + [[0.65, 0.35]])
+    target = torch.tensor([0, 0, 1, 1, 0])
+    rows = reliability_bins(probs, target, 10)
+    assert [r["count"] for r in rows] == [0, 0, 0, 0, 0, 0, 1, 0, 0, 4]
+    assert (rows[6]["confidence"], rows[6]["accuracy"]) == (pytest.approx(0.65), 1.0)
+    assert (rows[9]["confidence"], rows[9]["accuracy"]) == (pytest.approx(0.9), 0.5)
+    assert (rows[6]["lower"], rows[6]["upper"]) == (pytest.approx(0.6), pytest.approx(0.7))
+    assert rows[0]["confidence"] is None and rows[0]["accuracy"] is None, "an empty bin has no mean"
+    assert ece_from_bins(rows) == pytest.approx(0.8 * 0.4 + 0.2 * 0.35, abs=1e-6)
+
+
+def test_reliability_bins_full_confidence_in_last_bin() -> None:
+    target = torch.tensor([0, 1, 2, 1])
+    rows = reliability_bins(torch.nn.functional.one_hot(target, 3).float(), target, bins=5)
+    assert [r["count"] for r in rows] == [0, 0, 0, 0, 4]
+    assert rows[-1]["upper"] == pytest.approx(1.0) and rows[-1]["accuracy"] == 1.0
+
+
+def test_report_reliability_matches_its_ece() -> None:
+    logits, target = random_case(6)
+    rep = classification_report(logits, target, 6, bins=12)
+    assert rep["reliability"] == reliability_bins(logits.softmax(1), target, 12)
+    assert ece_from_bins(rep["reliability"]) == pytest.approx(rep["ece"], abs=1e-6)

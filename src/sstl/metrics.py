@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
@@ -35,6 +37,30 @@ def expected_calibration_error(probs: torch.Tensor, target: torch.Tensor, bins: 
     return ece.item()
 
 
+def reliability_bins(probs: torch.Tensor, target: torch.Tensor, bins: int = 15) -> list[dict[str, Any]]:
+    """The bins `expected_calibration_error` sums over (same edges, same half-open [lower, upper) intervals,
+    1.0 in the last), each with its count, mean confidence and accuracy (None when empty), so a reliability
+    table shows where the ECE beside it comes from: ECE = sum of count / N x |accuracy - confidence|."""
+    conf, pred = probs.max(1)
+    correct = (pred == target).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    which = torch.bucketize(conf, edges[1:-1], right=True)
+    rows = []
+    for b in range(bins):
+        mask = which == b
+        count = int(mask.sum())
+        rows.append(
+            {
+                "lower": edges[b].item(),
+                "upper": edges[b + 1].item(),
+                "count": count,
+                "confidence": conf[mask].mean().item() if count else None,
+                "accuracy": correct[mask].mean().item() if count else None,
+            }
+        )
+    return rows
+
+
 def classification_report(logits: torch.Tensor, target: torch.Tensor, num_classes: int, bins: int = 15) -> dict:
     """Everything evaluate writes for one model on one split."""
     probs = logits.softmax(1)
@@ -49,4 +75,5 @@ def classification_report(logits: torch.Tensor, target: torch.Tensor, num_classe
         "per_class_accuracy": per_class,
         "confusion": cm.tolist(),
         "predictions": pred.tolist(),
+        "reliability": reliability_bins(probs, target, bins),  # for reports/model_card.md
     }

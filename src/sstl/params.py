@@ -75,6 +75,12 @@ class PrecisionParams(Strict):
 
 class MlflowParams(Strict):
     experiment: str = Field("sstl", min_length=1)
+    model_name: str | None = Field(
+        "sstl",
+        min_length=1,
+        pattern=r"^[\w.-]+$",
+        description="registered model the fine-tuned student is published to (null: not registered)",
+    )
 
 
 class TeacherParams(ModelConfig, TrainConfig):

@@ -1,4 +1,5 @@
-"""Everything MLflow, in one module: stage runs grouped per pipeline execution, metrics, artifacts.
+"""Everything MLflow, in one module: stage runs grouped per pipeline execution, metrics, artifacts
+(the model registry and the served pyfunc are `sstl.registry`, built on this module's store).
 
 Store: $MLFLOW_TRACKING_URI, else the SQLite file `mlflow.db` with artifacts under `mlartifacts/`
 at the project root. DVC sets DVC_ROOT for every stage it runs, for queued and `--temp`
@@ -99,6 +100,15 @@ def _relative_artifacts(db: Path, experiment_id: str) -> None:
         )
 
 
+@contextmanager
+def model_store() -> Iterator[None]:
+    """Read registered models from the project's store: its URI set and the project root as working
+    directory (artifact locations are stored relative to it)."""
+    mlflow.set_tracking_uri(tracking_uri())
+    with _at_root():
+        yield
+
+
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"a": {"b": 1}} -> {"a.b": 1}: nested params as MLflow param keys."""
     out: dict[str, Any] = {}
@@ -140,7 +150,7 @@ def close_killed_runs(client: MlflowClient, experiment_id: str) -> list[Any]:
 
 def _pipeline_run(client: MlflowClient, experiment_id: str, pid: str) -> str:
     """The parent run of this pipeline execution: found by tag, or created (then closed) on first use.
-    Named after the DVC experiment (`dvc exp run`), else `workspace-<id>`."""
+    Named after the DVC experiment (`dvc exp run`), else `workspace@<commit>` (MLflow shows when)."""
     query = f"tags.`sstl.pipeline` = '{pid}' and tags.`sstl.kind` = 'pipeline'"
     found = client.search_runs([experiment_id], filter_string=query, max_results=1)
     if found:
@@ -148,7 +158,7 @@ def _pipeline_run(client: MlflowClient, experiment_id: str, pid: str) -> str:
     experiment = dvc_experiment()
     run = client.create_run(
         experiment_id,
-        run_name=experiment if experiment != "workspace" else f"workspace-{pid}",
+        run_name=experiment if experiment != "workspace" else f"workspace@{git_commit()[:7]}",
         tags={
             "sstl.pipeline": pid,
             "sstl.kind": "pipeline",
