@@ -116,7 +116,8 @@ def test_report_reads_metrics(project_copy: Path) -> None:
 
 
 def test_help_on_every_command() -> None:
-    for cmd in (["run"], ["exp", "run"], ["exp", "show"], ["predict"], ["report"], ["ui"], ["status"], ["check"]):
+    commands = (["run"], ["exp", "run"], ["exp", "show"], ["predict"], ["report"], ["ui"], ["serve"], ["status"])
+    for cmd in (*commands, ["check"], ["label-queue"], ["label-import"]):
         res = runner.invoke(app, [*cmd, "--help"])
         assert res.exit_code == 0 and "Usage" in res.stdout
 

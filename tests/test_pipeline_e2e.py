@@ -249,7 +249,11 @@ def experiments(table: object) -> dict[str, dict]:
     return rows
 
 
-def test_exp_run_and_show_compare_experiments(project: Path) -> None:
+def test_exp_run_and_show_compare_experiments(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from sstl.cli import app
+
     out = dvc(project, "exp", "run", "-S", "teacher.dropout=0.1", "--name", "lowdrop")
     assert {"tune", "teacher", "evaluate"} <= ran_stages(out) and "demo" not in ran_stages(out)
     rows = experiments(json.loads(dvc(project, "exp", "show", "--json")))
@@ -259,23 +263,35 @@ def test_exp_run_and_show_compare_experiments(project: Path) -> None:
     for row in [rows["lowdrop"], *baseline]:
         assert set(row["metrics"]) == set(MODELS)
         assert 0.0 <= row["metrics"]["finetuned"]["test-add"]["accuracy"] <= 1.0
-    table = dvc(project, "exp", "show", "--md", "--no-pager")
-    assert "lowdrop" in table and "teacher.test.accuracy" in table and "finetuned.test-add.accuracy" in table
+    monkeypatch.chdir(project)
+    res = CliRunner().invoke(app, ["exp", "show"])
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert max(map(len, lines)) <= 120, res.stdout
+    assert "dropout" in lines[1] and "finetuned" in lines[0] and "t-add" in lines[1]
+    lowdrop = next(line for line in lines if line.startswith("lowdrop "))
+    acc = rows["lowdrop"]["metrics"]["finetuned"]["test-add"]["accuracy"]
+    assert "0.1" in lowdrop.split() and lowdrop.split()[-1] == f"{acc:.4f}"
+    table = CliRunner().invoke(app, ["exp", "show", "--md"]).stdout
+    assert "| teacher.dropout |" in table and "| finetuned test-add |" in table and "| lowdrop |" in table
 
 
-def test_report_diffs_against_a_revision(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_report_diffs_against_a_revision(project: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     from sstl.cli import app
 
     monkeypatch.chdir(project)
-    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    res = CliRunner().invoke(app, ["report", "--rev", "HEAD~1"])
+    res = CliRunner().invoke(app, ["report", "--rev", "HEAD~1", "--plots", str(tmp_path / "plots")])
     assert res.exit_code == 0, res.output
-    assert "| finetuned |" in res.stdout
-    assert "student.dropout" in res.stdout  # the param the last commit changed
-    assert "### Metrics: HEAD~1 → workspace" in res.stdout
-    assert "| reports/metrics.json | " in res.stdout or "No metric changed" in res.stdout
+    rows = [
+        line.split("|")[1:3] for line in res.stdout.splitlines() if line.startswith(tuple(f"| {m} |" for m in MODELS))
+    ]
+    assert [(m.strip(), s.strip()) for m, s in rows] == [(m, s) for m in MODELS for s in ("test", "test-add")]
+    assert "| `student.dropout` | 0.2 | 0.3 |" in res.stdout  # the param the last commit changed
+    assert "## sstl: `HEAD~1` → this branch" in res.stdout
+    for name in ("validation-accuracy-per-epoch", "tune-convergence-teacher-validation-loss", "confusion-matrices"):
+        assert (tmp_path / f"plots/{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
 def test_push_clone_pull_is_clean_and_repro_is_deterministic(project: Path, tmp_path: Path) -> None:
@@ -331,3 +347,22 @@ def test_mlflow_has_one_run_per_stage_grouped_per_execution(project: Path) -> No
     history = mlflow.MlflowClient().get_metric_history(teacher.info.run_id, "val_loss")
     assert len(history) >= 2
     assert len(teacher.data.tags["checkpoint_sha256"]) == 64  # the model itself lives in DVC, stored once
+    names = {r.info.run_name for r in runs if r.data.tags.get("sstl.kind") == "pipeline"}
+    assert "lowdrop" in names and any(n.startswith("workspace@") for n in names)
+
+
+def test_every_evaluate_registers_a_version_and_the_champion_is_the_best_on_test(project: Path) -> None:
+    client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    evaluates = [
+        r
+        for r in mlflow.search_runs(experiment_names=["sstl"], output_format="list")
+        if r.data.tags.get("sstl.stage") == "evaluate" and r.info.status == "FINISHED"
+    ]
+    versions = client.search_model_versions("name = 'sstl'")
+    assert len(versions) == len(evaluates) >= 3  # baseline, experiments, re-runs
+    assert sorted(r.data.tags["sstl.model_version"] for r in evaluates) == sorted(v.version for v in versions)
+    champion = client.get_model_version_by_alias("sstl", "champion")
+    test = {v.version: float(v.tags["test_accuracy"]) for v in versions}
+    promoted = [v.version for v in versions if v.tags["champion"] == "promoted"]
+    assert str(champion.version) == max(promoted, key=int)  # the alias is the last winner ...
+    assert test[str(champion.version)] == max(test[v] for v in promoted)  # ... and each win raised test

@@ -23,6 +23,7 @@ from sstl.errors import SstlError
 
 if TYPE_CHECKING:
     from sstl.params import Params
+    from sstl.registry import ImageClassifier
 
 app = typer.Typer(
     help="Semi-supervised transfer learning: run the pipeline, compare experiments, predict, report.",
@@ -179,19 +180,23 @@ def exp_run(
 
 @exp_app.command("show")
 def exp_show(
-    markdown: Annotated[bool, typer.Option("--md", help="markdown table")] = False,
-    all_columns: Annotated[bool, typer.Option("--all", help="every column, not only what differs")] = False,
+    markdown: Annotated[bool, typer.Option("--md", help="markdown table, every changed param")] = False,
+    full: Annotated[
+        bool, typer.Option("--full", help="DVC's own table: every param, metric and dependency hash")
+    ] = False,
+    width: Annotated[int, typer.Option(min=60, help="columns the table may take")] = 120,
 ) -> None:
-    """Compare experiments: params and test / test-add metrics per experiment (`dvc exp show`)."""
+    """Compare experiments: the params that differ and test / test-add accuracy per model, in `width` columns."""
+    from sstl.review import dvc_json, exp_markdown, exp_table, experiments
+
     with user_errors():
-        args = [
-            "exp",
-            "show",
-            "--no-pager",
-            *(["--md"] if markdown else []),
-            *([] if all_columns else ["--only-changed"]),
-        ]
-        _exit(_dvc(*args))
+        if full:
+            _exit(_dvc("exp", "show", "--no-pager", *(["--md"] if markdown else [])))
+            return
+        if not Path("dvc.yaml").is_file():
+            raise SstlError("dvc.yaml not found: run sstl from the project root")
+        rows = experiments(dvc_json(["exp", "show"]))
+        typer.echo(exp_markdown(rows) if markdown else exp_table(rows, width=width), nl=False)
 
 
 class Format(str, Enum):
@@ -209,50 +214,86 @@ class TtaMode(str, Enum):
 @app.command()
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="image files or folders")],
-    model: Annotated[Path, typer.Option(help="checkpoint to use")] = Path("models/finetuned.pt"),
+    model: Annotated[
+        str, typer.Option(help="checkpoint file, or a registered model: models:/sstl@champion, models:/sstl/3")
+    ] = "models/finetuned.pt",
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="classes per image")] = 3,
     fmt: Annotated[Format, typer.Option("--format", help="table, csv or json")] = Format.table,
     tta: Annotated[
-        TtaMode | None, typer.Option(help="test-time augmentation (default: params.yaml's evaluate.tta, else none)")
+        TtaMode | None,
+        typer.Option(help="test-time augmentation (default: the registered model's, else params.yaml's evaluate.tta)"),
     ] = None,
 ) -> None:
-    """Classify images with the fine-tuned student: top-k classes with probabilities."""
-    from sstl.models import load_checkpoint
+    """Classify images with the fine-tuned student (or a registered model): top-k classes with probabilities."""
     from sstl.params import load_params
     from sstl.predict import collect_images, render
     from sstl.predict import predict as run_predict
 
     with user_errors():
-        mode = tta.value if tta is not None else (load_params(PARAMS).evaluate.tta if PARAMS.is_file() else "none")
-        net, meta = load_checkpoint(model)
+        classifier = _classifier(model)
+        if tta is not None:
+            classifier.tta = tta.value
+        elif not _is_uri(model):
+            classifier.tta = load_params(PARAMS).evaluate.tta if PARAMS.is_file() else "none"
         images = collect_images(paths)
         rows = run_predict(
-            net,
-            meta["classes"],
-            meta["image_size"],
+            classifier.model,
+            classifier.classes,
+            classifier.image_size,
             images,
             top_k,
-            interpolation=meta.get("interpolation"),
-            tta=mode,
+            interpolation=classifier.interpolation,
+            tta=classifier.tta,
         )
         typer.echo(render(rows, fmt.value))
 
 
+def _is_uri(model: str) -> bool:
+    return "://" in model or model.startswith(("models:/", "runs:/"))
+
+
+def _classifier(model: str) -> ImageClassifier:
+    """A checkpoint path or an MLflow model URI (models:/..., runs:/...) -> the loaded classifier."""
+    from sstl.registry import ImageClassifier, load
+
+    if _is_uri(model):
+        return load(model)
+    classifier = ImageClassifier()
+    classifier.load(Path(model))
+    return classifier
+
+
 @app.command()
 def report(
-    rev: Annotated[str | None, typer.Option(help="git revision to diff against, e.g. main or HEAD~1")] = None,
+    rev: Annotated[str | None, typer.Option(help="git revision to compare with, e.g. main or HEAD~1")] = None,
+    plots: Annotated[
+        Path | None, typer.Option(help="with --rev: draw the DVC plots, old vs new, as PNG files in this folder")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="write the markdown to this file instead of stdout")
+    ] = None,
 ) -> None:
-    """Markdown for a pull request: the metrics table and, with --rev, what changed since that revision."""
-    from sstl.files import read_json
-    from sstl.report import diff_markdown, summary_markdown
+    """Markdown for a pull request: with --rev, accuracy / macro-F1 / ECE per model and split against that
+    revision, the params that changed and (--plots) the plots; without, the metrics table."""
+    from sstl.files import read_json, write_text
+    from sstl.report import summary_markdown
+    from sstl.review import review_markdown
 
     with user_errors():
-        if not METRICS.is_file():
-            raise SstlError(f"{METRICS} not found: run the pipeline first (`sstl run`)")
-        text = "## sstl metrics\n\n" + summary_markdown(read_json(METRICS))
+        if plots is not None and not rev:
+            raise SstlError("--plots compares two revisions: add --rev, e.g. --rev main")
         if rev:
-            text += "\n" + diff_markdown(rev)
-        typer.echo(text)
+            if not Path("dvc.yaml").is_file():
+                raise SstlError("dvc.yaml not found: run sstl from the project root")
+            text = review_markdown(rev, plots=plots, relative_to=None if output is None else output.parent)
+        elif not METRICS.is_file():
+            raise SstlError(f"{METRICS} not found: run the pipeline first (`sstl run`)")
+        else:
+            text = "## sstl metrics\n\n" + summary_markdown(read_json(METRICS))
+        if output is None:
+            typer.echo(text, nl=False)
+        else:
+            write_text(output, text)
 
 
 @app.command()
@@ -266,15 +307,44 @@ def ui(
     uri = tracking_uri()
     typer.echo(f"MLflow UI for {uri} at http://{host}:{port} (Ctrl+C to stop)")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
-    _exit(serve(cmd))
+    _exit(run_server(cmd))
 
 
-def serve(cmd: list[str]) -> int:
+@app.command()
+def serve(
+    model: Annotated[str | None, typer.Option(help="model URI (default: models:/<mlflow.model_name>@champion)")] = None,
+    port: Annotated[int, typer.Option(help="port to serve on")] = 5001,
+    host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+) -> None:
+    """Serve the champion model over HTTP with MLflow's scoring server: POST /invocations with base64 images.
+
+    Example: {"dataframe_split": {"columns": ["image"], "data": [["<base64 JPEG>"]]}} -> class,
+    probability and the probability of every class per image."""
+    from sstl.params import load_params
+    from sstl.registry import CHAMPION
+    from sstl.tracking import project_root, tracking_uri
+
+    with user_errors():
+        if model is None:
+            name = load_params(PARAMS).mlflow.model_name
+            if not name:
+                raise SstlError(
+                    "mlflow.model_name is null in params.yaml: set it, or pass --model models:/<name>@<alias>"
+                )
+            model = f"models:/{name}@{CHAMPION}"
+        typer.echo(f"serving {model} from {tracking_uri()} at http://{host}:{port}/invocations (Ctrl+C to stop)")
+        cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model, "--env-manager", "local"]
+        cmd += ["--host", host, "--port", str(port), "--workers", "1"]
+        env = os.environ | {"MLFLOW_TRACKING_URI": tracking_uri()}
+        _exit(run_server(cmd, env=env, cwd=project_root()))
+
+
+def run_server(cmd: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None) -> int:
     """Run a server in its own process group until it exits or this process is stopped (Ctrl+C,
     SIGTERM): then the whole group goes, workers included, so nothing is left listening."""
     import signal
 
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env, cwd=cwd)
 
     def stop(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt
@@ -314,17 +384,43 @@ def _kill_group(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
 
 
 @app.command()
-def status() -> None:
+def status(
+    check_only: Annotated[
+        bool, typer.Option("--check", help="exit 1 unless every stage is up to date (for CI), naming what is not")
+    ] = False,
+) -> None:
     """What is out of date (`dvc status`) and the latest metrics."""
     from sstl.files import read_json
     from sstl.report import summary_markdown
+    from sstl.review import dvc_json
 
     with user_errors():
         _before_dvc()
+        if check_only:
+            stale = dvc_json(["status"])
+            for stage, changes in stale.items():
+                typer.echo(f"{stage}: {_describe(changes)}")
+            if stale:
+                raise SstlError("the pipeline is not up to date (above): `sstl run` and commit dvc.lock, or `dvc pull`")
+            typer.echo("up to date: dvc.lock matches the code, params and data")
+            return
         code = _dvc("status")
         if METRICS.is_file():
             typer.echo("\nlatest metrics (reports/metrics.json):\n" + summary_markdown(read_json(METRICS)))
         _exit(code)
+
+
+def _describe(changes: Any) -> str:
+    """One line from a stage's `dvc status --json` entry: `changed deps: a.py (modified); ...`."""
+    parts = []
+    for change in changes if isinstance(changes, list) else [changes]:
+        if isinstance(change, dict):
+            for kind, paths in change.items():
+                detail = ", ".join(f"{p} ({s})" for p, s in paths.items()) if isinstance(paths, dict) else paths
+                parts.append(f"{kind}: {detail}")
+        else:
+            parts.append(str(change))
+    return "; ".join(parts)
 
 
 @app.command()
@@ -347,6 +443,92 @@ def deps(
         typer.echo(
             f"dvc.yaml: code deps rewritten for {', '.join(changed)}" if changed else "dvc.yaml: code deps up to date"
         )
+
+
+def _params_folder() -> str | None:
+    """params.yaml's data.folder, or None without a params.yaml (then --folder is needed)."""
+    from sstl.params import load_params
+
+    return load_params(PARAMS).data.folder if PARAMS.is_file() else None
+
+
+def _photo_folder(folder: Path | None) -> Path:
+    if folder is not None:
+        return folder
+    found = _params_folder()
+    if found is None:
+        raise SstlError(f"{PARAMS} not found: pass --folder, the photo folder (labeled/, unlabeled/, ...)")
+    return Path(found)
+
+
+@app.command("label-queue")
+def label_queue(
+    *,
+    n: Annotated[int, typer.Option("--n", "-n", min=1, help="photos to queue")] = 200,
+    strategy: Annotated[str, typer.Option(help="margin | entropy | diverse")] = "margin",
+    model: Annotated[Path, typer.Option(help="checkpoint to score with")] = Path("models/finetuned.pt"),
+    folder: Annotated[
+        Path | None, typer.Option(help="photo folder whose unlabeled/ is scored (default: params.yaml data.folder)")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="queue folder to write: images/ and queue.csv")] = Path("label-queue"),
+    seed: Annotated[int, typer.Option(help="seed of the diverse strategy's clustering")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="replace a non-empty --out folder")] = False,
+    tta: Annotated[
+        TtaMode | None, typer.Option(help="test-time augmentation (default: params.yaml's evaluate.tta, else none)")
+    ] = None,
+) -> None:
+    """Queue the unlabelled photos most worth labelling next: copies and a CSV for a labelling tool."""
+    from sstl.labelling import label_queue as make_queue
+    from sstl.params import load_params
+
+    with user_errors():
+        mode = tta.value if tta is not None else (load_params(PARAMS).evaluate.tta if PARAMS.is_file() else "none")
+        done = make_queue(
+            model_path=model,
+            folder=_photo_folder(folder),
+            out=out,
+            n=n,
+            strategy=strategy,
+            seed=seed,
+            force=force,
+            tta=mode,
+        )
+        skipped = f", {done.skipped} unreadable skipped" if done.skipped else ""
+        typer.echo(
+            f"{done.out}/queue.csv: {done.picked} of {done.pool} unlabelled photos by {strategy}{skipped}; "
+            f"fill its label column, then `sstl label-import {done.out}/queue.csv`"
+        )
+
+
+@app.command("label-import")
+def label_import(
+    labels: Annotated[Path, typer.Argument(help="the queue CSV with its label column filled")],
+    *,
+    folder: Annotated[
+        Path | None, typer.Option(help="photo folder the queue was made from (default: params.yaml data.folder)")
+    ] = None,
+    new_classes: Annotated[
+        bool, typer.Option("--new-classes", help="a label that is no labeled/ folder yet starts a class")
+    ] = False,
+) -> None:
+    """Move the labelled photos from unlabeled/ to labeled/<class>/ and record it; `sstl run` retrains."""
+    from sstl.labelling import import_labels, refresh_if_project
+
+    with user_errors():
+        root = _photo_folder(folder)
+        project = _params_folder()  # before anything moves: a broken params.yaml stops here, not half-way
+        done = import_labels(labels, folder=root, new_classes=new_classes)
+        moved = sum(done.moved.values())
+        per_class = ", ".join(f"{c} {k}" for c, k in sorted(done.moved.items()))
+        typer.echo(f"moved {moved} photos into {root}/labeled/" + (f" ({per_class})" if per_class else ""))
+        if done.unlabelled:
+            typer.echo(f"{done.unlabelled} rows without a label: their photos stay in unlabeled/")
+        if done.already:
+            typer.echo(f"{done.already} rows already imported before: nothing to do for them")
+        if moved:
+            refreshed = refresh_if_project(root, project)
+            note = "data/inventory.json updated; " if refreshed else ""
+            typer.echo(f"recorded in {done.record}; {note}`sstl run` retrains with the new labels")
 
 
 @app.command()

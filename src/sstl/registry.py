@@ -40,7 +40,7 @@ from sstl.errors import SstlError
 from sstl.images import UnreadableImage, decode
 from sstl.inference import Tta, infer
 from sstl.models import load_checkpoint
-from sstl.tracking import model_store
+from sstl.tracking import model_store, store_lock
 
 CHAMPION = "champion"
 SIGNATURE = ModelSignature(
@@ -49,7 +49,7 @@ SIGNATURE = ModelSignature(
         [ColSpec("string", "class"), ColSpec("double", "probability"), ColSpec(Map(DataType.double), "probabilities")]
     ),
 )
-# what the pickled model imports; `sstl` itself travels as code (code_paths)
+# what the served code imports (its pip requirements); `sstl` itself travels with the model (code_paths)
 REQUIREMENTS = ("torch", "torchvision", "timm", "numpy", "pandas", "pillow", "pydantic", "pyyaml", "tqdm", "mlflow")
 
 
@@ -166,23 +166,26 @@ def publish(
 ) -> dict[str, str]:
     """Log `checkpoint` as a pyfunc in the active run, register it as a new version of `name` and move
     the champion alias if it wins; returns the decision as tags (also set on the run and the version)."""
-    model_info = mlflow.pyfunc.log_model(
-        name=Path(checkpoint).stem,
-        python_model=str(Path(__file__).with_name("served.py")),  # models from code: nothing pickled
-        artifacts={"checkpoint": str(checkpoint)},
-        model_config={"tta": tta},
-        code_paths=[str(Path(sstl.__file__).parent)],
-        signature=SIGNATURE,
-        input_example=pd.DataFrame({"image": [encode_png(example)]}),
-        pip_requirements=[f"{p}=={package_version(p)}" for p in REQUIREMENTS],
-        registered_model_name=name,
-    )
-    client = MlflowClient()
-    version = str(model_info.registered_model_version)
-    scores = Scores.of(metrics)
-    decision = crown(client, name=name, version=version, scores=scores)
-    for key, value in (scores.tags() | decision).items():
-        client.set_model_version_tag(name, version, key, value)
+    with store_lock():  # parallel experiments register one at a time: versions and the alias stay consistent
+        model_info = mlflow.pyfunc.log_model(
+            name=Path(checkpoint).stem,
+            python_model=str(Path(__file__).with_name("served.py")),  # models from code: nothing pickled
+            artifacts={"checkpoint": str(checkpoint)},
+            model_config={"tta": tta},
+            code_paths=[str(Path(sstl.__file__).parent)],
+            signature=SIGNATURE,
+            input_example=pd.DataFrame({"image": [encode_png(example)]}),
+            pip_requirements=[f"{p}=={package_version(p)}" for p in REQUIREMENTS],
+            registered_model_name=name,
+        )
+        client = MlflowClient()
+        version = str(model_info.registered_model_version)
+        scores = Scores.of(metrics)
+        for key, value in scores.tags().items():  # before the alias can point here: a champion has scores
+            client.set_model_version_tag(name, version, key, value)
+        decision = crown(client, name=name, version=version, scores=scores)
+        for key, value in decision.items():
+            client.set_model_version_tag(name, version, key, value)
     mlflow.set_tags({f"sstl.{k}": v for k, v in decision.items()} | {"sstl.model_version": version})
     return decision
 

@@ -1,12 +1,11 @@
-"""Markdown for people: the metrics table, and what changed against a git revision (via DVC)."""
+"""Markdown for people: the metrics table of `evaluate` (reports/summary.md, `sstl report`, `sstl status`).
+
+The pull request's review and the experiments table are `sstl.review`, kept apart so that changing
+them does not re-run `evaluate` (which imports this module)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
 from typing import Any
-
-from sstl.errors import SstlError
 
 COLUMNS = ("accuracy", "macro_f1", "ece")
 
@@ -26,41 +25,3 @@ def summary_markdown(metrics: dict[str, dict[str, dict[str, float]]], health: di
         lines += [f"- left out: {s} (no images in this split)" for s in health.get("absent_splits", [])]
         lines += [f"- **WARNING**: {w}" for w in health.get("warnings", [])]
     return "\n".join(lines) + "\n"
-
-
-def _dvc_json(args: list[str]) -> Any:
-    try:
-        out = subprocess.run(["dvc", *args, "--json"], capture_output=True, text=True, check=True)
-    except FileNotFoundError:
-        raise SstlError("dvc not found: install the project (`pip install -e .`) in this environment") from None
-    except subprocess.CalledProcessError as err:
-        last = (err.stderr.strip().splitlines() or ["no output"])[-1]
-        raise SstlError(f"`dvc {' '.join(args)}` failed: {last}") from None
-    return json.loads(out.stdout or "{}")
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else ("—" if v is None else str(v))
-
-
-def diff_markdown(rev: str) -> str:
-    """Metrics and params that differ between `rev` and the workspace, as markdown tables."""
-    parts = []
-    metrics = _dvc_json(["metrics", "diff", rev])
-    rows = [(f, k, d) for f, per_file in metrics.items() for k, d in per_file.items()]
-    parts.append(f"### Metrics: {rev} → workspace\n")
-    if rows:
-        parts.append("| file | metric | " + rev + " | workspace | change |\n|---|---|---|---|---|")
-        for f, k, d in rows:
-            parts.append(f"| {f} | {k} | {_fmt(d.get('old'))} | {_fmt(d.get('new'))} | {_fmt(d.get('diff'))} |")
-    else:
-        parts.append("No metric changed.")
-    params = _dvc_json(["params", "diff", rev])
-    changed = [(k, d) for per_file in params.values() for k, d in per_file.items()]
-    parts.append(f"\n### Params: {rev} → workspace\n")
-    if changed:
-        parts.append("| param | " + rev + " | workspace |\n|---|---|---|")
-        parts += [f"| {k} | {_fmt(d.get('old'))} | {_fmt(d.get('new'))} |" for k, d in changed]
-    else:
-        parts.append("No param changed.")
-    return "\n".join(parts) + "\n"

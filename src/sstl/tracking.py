@@ -56,7 +56,7 @@ def _default_store() -> bool:
 
 
 @contextmanager
-def _store_lock() -> Iterator[None]:
+def store_lock() -> Iterator[None]:
     """One process at a time opens the store: MLflow creates its tables on first use, and parallel
     experiments creating them at once fail (`table experiments already exists`)."""
     lock = project_root() / ".sstl-state" / "mlflow.lock"
@@ -82,7 +82,7 @@ def _at_root() -> Iterator[None]:
 
 def _experiment_id(name: str) -> str:
     """Make `name` the active experiment (created on first use), so nested runs land in it too."""
-    with _store_lock():
+    with store_lock():
         mlflow.set_tracking_uri(tracking_uri())
         if mlflow.get_experiment_by_name(name) is None:
             experiment_id = mlflow.create_experiment(name)
