@@ -200,7 +200,6 @@ def test_queue_bad_inputs_are_one_line_and_write_nothing(checkpoint: Path, photo
     (empty / "unlabeled").mkdir(parents=True)
     for args, says in (
         (["--model", str(tmp_path / "none.pt")], "none.pt not found"),
-        (["--strategy", "confusion"], "unknown strategy 'confusion'"),
         (["--folder", str(tmp_path / "nowhere")], "unlabeled not found"),
         (["--folder", str(empty)], "no image files"),
     ):
@@ -209,6 +208,8 @@ def test_queue_bad_inputs_are_one_line_and_write_nothing(checkpoint: Path, photo
         )
         one_line_error(res.exit_code, res.stderr)
         assert says in res.stderr and not out.exists()
+    res = runner.invoke(app, ["label-queue", "--model", str(checkpoint), "--folder", str(photos), "--strategy", "odd"])
+    assert res.exit_code == 2 and "odd" in res.output and "margin" in res.output and not out.exists()  # Typer's usage
     res = runner.invoke(app, ["label-queue", "--model", str(checkpoint), "--out", str(out)])  # no params.yaml here
     one_line_error(res.exit_code, res.stderr)
     assert "--folder" in res.stderr

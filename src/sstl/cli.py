@@ -205,6 +205,12 @@ class Format(str, Enum):
     json = "json"
 
 
+class Strategy(str, Enum):
+    margin = "margin"
+    entropy = "entropy"
+    diverse = "diverse"
+
+
 class TtaMode(str, Enum):
     none = "none"
     flip = "flip"
@@ -465,7 +471,9 @@ def _photo_folder(folder: Path | None) -> Path:
 def label_queue(
     *,
     n: Annotated[int, typer.Option("--n", "-n", min=1, help="photos to queue")] = 200,
-    strategy: Annotated[str, typer.Option(help="margin | entropy | diverse")] = "margin",
+    strategy: Annotated[
+        Strategy, typer.Option(help="margin: smallest top-2 gap | entropy | diverse: uncertain, spread over clusters")
+    ] = Strategy.margin,
     model: Annotated[Path, typer.Option(help="checkpoint to score with")] = Path("models/finetuned.pt"),
     folder: Annotated[
         Path | None, typer.Option(help="photo folder whose unlabeled/ is scored (default: params.yaml data.folder)")
@@ -488,14 +496,14 @@ def label_queue(
             folder=_photo_folder(folder),
             out=out,
             n=n,
-            strategy=strategy,
+            strategy=strategy.value,
             seed=seed,
             force=force,
             tta=mode,
         )
         skipped = f", {done.skipped} unreadable skipped" if done.skipped else ""
         typer.echo(
-            f"{done.out}/queue.csv: {done.picked} of {done.pool} unlabelled photos by {strategy}{skipped}; "
+            f"{done.out}/queue.csv: {done.picked} of {done.pool} unlabelled photos by {strategy.value}{skipped}; "
             f"fill its label column, then `sstl label-import {done.out}/queue.csv`"
         )
 
