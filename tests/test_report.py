@@ -16,7 +16,7 @@ from conftest import ROOT
 from typer.testing import CliRunner
 
 from sstl.cli import app
-from sstl.review import MODELS, SPLITS
+from sstl.review import MODELS, SPLITS, stale_stages
 
 BIN = Path(sys.executable).parent
 OLD_LR, NEW_LR, EXP_LR = 0.001, 0.003, 0.01
@@ -243,6 +243,19 @@ def test_exp_show_names_params_that_do_not_fit() -> None:
     text = exp_table(rows, width=80)
     assert max(map(len, text.splitlines())) <= 80
     assert "changed params not shown (sstl exp show --md): " in text.splitlines()[-1]
+
+
+def test_stale_stages_leave_out_files_not_pulled_yet_but_keep_changed_code() -> None:
+    # `dvc status --json` of a fresh clone without the DVC cache, one code file edited
+    status = {
+        "demo": [{"changed outs": {"data/demo": "not in cache"}}],
+        "prepare": [{"changed deps": {"data/demo": "deleted"}}, {"changed outs": {"data/prepared": "not in cache"}}],
+        "evaluate": [{"changed deps": {"data/prepared": "deleted", "src/sstl/report.py": "modified"}}],
+        "tune": ["changed command"],
+    }
+    stale, absent = stale_stages(status)
+    assert stale == {"evaluate": [{"changed deps": {"src/sstl/report.py": "modified"}}], "tune": ["changed command"]}
+    assert absent == 4
 
 
 def test_status_check_fails_when_the_pipeline_is_not_up_to_date(repo: Path) -> None:

@@ -77,7 +77,8 @@ def _bash(repo: Path, command: str) -> subprocess.CompletedProcess[str]:
 
 def test_the_workflows_own_commands_run_in_a_tiny_repo(workflow: dict, tmp_path: Path) -> None:
     repo = build_repo(tmp_path / "repo")
-    (check,) = run_lines(workflow, "status --check")
+    check, after = run_lines(workflow, "status --check")  # before the pipeline (the committed lock), and after
+    assert check == after
     res = _bash(repo, _local(check))
     assert res.returncode == 0, res.stdout + res.stderr
     (report,) = run_lines(workflow, "sstl report")

@@ -398,22 +398,36 @@ def status(
     """What is out of date (`dvc status`) and the latest metrics."""
     from sstl.files import read_json
     from sstl.report import summary_markdown
-    from sstl.review import dvc_json
 
     with user_errors():
-        _before_dvc()
         if check_only:
-            stale = dvc_json(["status"])
-            for stage, changes in stale.items():
-                typer.echo(f"{stage}: {_describe(changes)}")
-            if stale:
-                raise SstlError("the pipeline is not up to date (above): `sstl run` and commit dvc.lock, or `dvc pull`")
-            typer.echo("up to date: dvc.lock matches the code, params and data")
+            _status_check()
             return
+        _before_dvc()
         code = _dvc("status")
         if METRICS.is_file():
             typer.echo("\nlatest metrics (reports/metrics.json):\n" + summary_markdown(read_json(METRICS)))
         _exit(code)
+
+
+def _status_check() -> None:
+    """`sstl status --check`: exit 1 when dvc.lock is not this tree's (code, params, data changed), one line
+    per stale stage. Outputs merely absent (a fresh clone before `dvc pull`) do not count, and the photo
+    folder's fingerprint is refreshed only when the folder is there (the demo's is an output)."""
+    from sstl.prepare import refresh_inventory
+    from sstl.review import dvc_json, stale_stages
+
+    check_lock()
+    folder = Path(_check_params().data.folder)
+    if folder.exists():
+        refresh_inventory(folder)
+    stale, absent = stale_stages(dvc_json(["status"]))
+    for stage, changes in stale.items():
+        typer.echo(f"{stage}: {_describe(changes)}")
+    if stale:
+        raise SstlError("the pipeline is not up to date (above): `sstl run` and commit dvc.lock, or `dvc pull`")
+    note = f" ({absent} pipeline files not here yet: `dvc pull` or `sstl run` brings them)" if absent else ""
+    typer.echo(f"up to date: dvc.lock matches the code, params and data{note}")
 
 
 def _describe(changes: Any) -> str:

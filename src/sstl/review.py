@@ -50,6 +50,28 @@ def dvc_json(args: Sequence[str]) -> Any:
 # --- the review: metrics, params, plots against a revision --------------------------------------------
 
 
+ABSENT = ("deleted", "not in cache")  # a file that is not here: nothing says it is out of date
+
+
+def stale_stages(status: dict[str, Any]) -> tuple[dict[str, list[Any]], int]:
+    """`dvc status --json` -> (stage -> its changes with absent files left out, the number left out).
+
+    What remains is what makes dvc.lock not this tree's: a changed command, code, params or data."""
+    stale: dict[str, list[Any]] = {}
+    absent = 0
+    for stage, changes in status.items():
+        for change in changes if isinstance(changes, list) else [changes]:
+            if isinstance(change, dict):
+                for kind, paths in change.items():
+                    kept = {p: s for p, s in paths.items() if s not in ABSENT} if isinstance(paths, dict) else paths
+                    absent += len(paths) - len(kept) if isinstance(paths, dict) else 0
+                    if kept:
+                        stale.setdefault(stage, []).append({kind: kept})
+            else:
+                stale.setdefault(stage, []).append(change)
+    return stale, absent
+
+
 def _order(name: str, known: Sequence[str]) -> tuple[int, str]:
     """Known names in their fixed order, the others after them alphabetically: rows never move."""
     return (known.index(name), "") if name in known else (len(known), name)
