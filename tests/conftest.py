@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["cat", "dog", "fox"]  # the classes of the `checkpoint` fixture
 T = TypeVar("T")
 
 
@@ -25,6 +26,17 @@ def _mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> None:
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
     yield
     mp.undo()
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained 3-class mobilenet_v3_small checkpoint at 16 px: for plumbing (CLI, queue), not accuracy."""
+    from sstl.models import ModelConfig, create_model, save_checkpoint
+
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    cfg = ModelConfig(arch="mobilenet_v3_small", head_layers=0)
+    save_checkpoint(path, create_model(cfg, len(CLASSES)).eval(), cfg, CLASSES, image_size=16)
+    return path
 
 
 def finishes(fn: Callable[[], T], seconds: float = 60) -> T:

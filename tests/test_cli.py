@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import CLASSES, ROOT
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -24,15 +24,6 @@ from sstl.cli import app
 from sstl.models import ModelConfig, create_model, save_checkpoint
 
 runner = CliRunner()
-CLASSES = ["cat", "dog", "fox"]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    cfg = ModelConfig(arch="mobilenet_v3_small", head_layers=0)
-    save_checkpoint(path, create_model(cfg, len(CLASSES)).eval(), cfg, CLASSES, image_size=16)
-    return path
 
 
 @pytest.fixture

@@ -10,25 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import CLASSES
 from PIL import Image
 from typer.testing import CliRunner
 
 from sstl.cli import app
 from sstl.labelling import QUEUE_FIELDS, RECORD, entropies, margins, rank
-from sstl.models import ModelConfig, create_model, save_checkpoint
 from sstl.prepare import scan
 
 runner = CliRunner()
-CLASSES = ["cat", "dog", "fox"]
 POOL = 12
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    cfg = ModelConfig(arch="mobilenet_v3_small", head_layers=0)
-    save_checkpoint(path, create_model(cfg, len(CLASSES)).eval(), cfg, CLASSES, image_size=16)
-    return path
 
 
 @pytest.fixture
