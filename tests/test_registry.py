@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,12 +25,13 @@ import torch
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
+from sstl import tracking
 from sstl.cli import app
 from sstl.dataset import ImageSet
 from sstl.demo import CLASSES, write_demo
 from sstl.images import decode, read_file
 from sstl.models import ModelConfig, create_model, save_checkpoint
-from sstl.registry import CHAMPION, Scores, beats, publish
+from sstl.registry import CHAMPION, Scores, beats, load, publish
 from sstl.training import TrainConfig, fit
 
 SIZE = 16
@@ -97,6 +99,24 @@ def test_publish_registers_versions_and_moves_the_champion_only_on_a_win(
     client = MlflowClient()
     assert client.get_registered_model(NAME).aliases == {CHAMPION: 3}
     assert client.get_model_version(NAME, "2").tags["champion"] == "kept"
+
+
+def test_a_temp_experiment_registers_into_the_project_not_its_copy(
+    digits: tuple[Path, Path], store: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `dvc exp run --temp` runs evaluate in a copy it deletes afterwards, with DVC_ROOT = the project
+    copy = tmp_path_factory.mktemp("dvc-temp-copy")
+    (copy / "models").mkdir()
+    (copy / "models/finetuned.pt").write_bytes(digits[0].read_bytes())
+    monkeypatch.setenv("DVC_ROOT", str(store))
+    monkeypatch.chdir(copy)
+    with tracking.stage_run("evaluate", "sstl", {}):  # as the stage does: the project's experiment
+        example = np.zeros((8, 8, 3), np.uint8)
+        publish(Path("models/finetuned.pt"), name=NAME, metrics=scores(0.9, None), tta="none", example=example)
+    monkeypatch.chdir(store)
+    shutil.rmtree(copy)
+    model = load(f"models:/{NAME}@{CHAMPION}")
+    assert model.classes == list(CLASSES) and not (store / "models").exists()
 
 
 def free_port() -> int:

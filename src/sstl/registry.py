@@ -166,9 +166,12 @@ def publish(
 ) -> dict[str, str]:
     """Log `checkpoint` as a pyfunc in the active run, register it as a new version of `name` and move
     the champion alias if it wins; returns the decision as tags (also set on the run and the version)."""
-    with store_lock():  # parallel experiments register one at a time: versions and the alias stay consistent
+    checkpoint = Path(checkpoint).resolve()
+    # one registration at a time (parallel experiments: versions and the alias stay consistent), written
+    # from the project root: artifact locations are relative to it, not to a `--temp` experiment's copy
+    with store_lock(), model_store():
         model_info = mlflow.pyfunc.log_model(
-            name=Path(checkpoint).stem,
+            name=checkpoint.stem,
             python_model=str(Path(__file__).with_name("served.py")),  # models from code: nothing pickled
             artifacts={"checkpoint": str(checkpoint)},
             model_config={"tta": tta},

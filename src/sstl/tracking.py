@@ -31,6 +31,7 @@ from sstl.provenance import code_digest, dvc_experiment, git_commit, pipeline_id
 from sstl.runtime import world
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # offline machines: nothing to send home
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stage logs: figures, not download bars
 STORE, ARTIFACTS_DIR = "mlflow.db", "mlartifacts"
 
 logging.getLogger("mlflow").setLevel(logging.WARNING)
