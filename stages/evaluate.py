@@ -91,6 +91,7 @@ def main() -> None:
                 metrics=metrics["finetuned"],
                 tta=p.evaluate.tta,
                 example=data["test"].images[0].numpy(),
+                data=registry.data_digest(*[(d.images, d.labels) for s, d in data.items() if s != "val"]),
             )
             print(f"registered {p.mlflow.model_name}: {decision['champion']} champion ({decision['champion_reason']})")
     health.warn("evaluate", warnings)

@@ -31,7 +31,7 @@ from sstl.dataset import ImageSet
 from sstl.demo import CLASSES, write_demo
 from sstl.images import decode, read_file
 from sstl.models import ModelConfig, create_model, save_checkpoint
-from sstl.registry import CHAMPION, Scores, beats, load, publish
+from sstl.registry import CHAMPION, Scores, beats, data_digest, load, publish
 from sstl.training import TrainConfig, fit
 
 SIZE = 16
@@ -82,6 +82,13 @@ def test_a_challenger_must_win_on_test_and_not_lose_on_test_add() -> None:
     assert beats(Scores(0.81, None), old)[0]  # no test-add on one side: test decides
     won, why = beats(Scores(0.81, 0.59), old)
     assert why == "test 0.8100 > 0.8000, test-add 0.5900 < 0.6000"
+    # scored on other test images: no comparison, whatever the numbers
+    a, b = torch.zeros(2, 4, 4, 3, dtype=torch.uint8), torch.tensor([0, 1])
+    same, other = data_digest((a, b)), data_digest((a, torch.tensor([1, 0])))
+    assert same == data_digest((a.clone(), b.clone())) and same != other
+    assert beats(Scores(0.99, 0.99, same), Scores(0.80, 0.60, same))[0]
+    won, why = beats(Scores(0.99, 0.99, other), Scores(0.80, 0.60, same))
+    assert not won and why.startswith("test data changed")
 
 
 def test_publish_registers_versions_and_moves_the_champion_only_on_a_win(

@@ -15,6 +15,7 @@ without losing on test-add; the comparison is recorded on the run and on the ver
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -120,34 +121,56 @@ def load(uri: str) -> ImageClassifier:
 
 @dataclass(frozen=True)
 class Scores:
-    """What decides the champion: test and test-add accuracy (test-add None where the data has none)."""
+    """What decides the champion: test and test-add accuracy (test-add None where the data has none),
+    and a digest of the images and labels they were measured on (None: unknown)."""
 
     test: float
     test_add: float | None
+    data: str | None = None
 
     @classmethod
-    def of(cls, metrics: Mapping[str, Mapping[str, float]]) -> Scores:
+    def of(cls, metrics: Mapping[str, Mapping[str, float]], data: str | None = None) -> Scores:
         add = metrics.get("test-add", {}).get("accuracy")
-        return cls(test=float(metrics["test"]["accuracy"]), test_add=None if add is None else float(add))
+        return cls(test=float(metrics["test"]["accuracy"]), test_add=None if add is None else float(add), data=data)
 
     def tags(self) -> dict[str, str]:
-        return {"test_accuracy": f"{self.test:.4f}", "test_add_accuracy": _fmt(self.test_add)}
+        tags = {"test_accuracy": f"{self.test:.4f}", "test_add_accuracy": _fmt(self.test_add)}
+        return tags | ({"test_data_sha256": self.data} if self.data else {})
 
     @classmethod
     def from_tags(cls, tags: Mapping[str, str]) -> Scores | None:
         if "test_accuracy" not in tags:
             return None
         add = tags.get("test_add_accuracy", "none")
-        return cls(test=float(tags["test_accuracy"]), test_add=None if add == "none" else float(add))
+        return cls(
+            test=float(tags["test_accuracy"]),
+            test_add=None if add == "none" else float(add),
+            data=tags.get("test_data_sha256"),
+        )
 
 
 def _fmt(x: float | None) -> str:
     return "none" if x is None else f"{x:.4f}"
 
 
+def data_digest(*splits: tuple[torch.Tensor, torch.Tensor]) -> str:
+    """sha256 of (images, labels) pairs: whether two versions were scored on the same test images."""
+    h = hashlib.sha256()
+    for images, labels in splits:
+        for t in (images, labels):
+            h.update(f"{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def beats(new: Scores, old: Scores) -> tuple[bool, str]:
     """Whether `new` should take the alias from `old`, and why, in one line: better on test and not
-    worse on test-add (where both have it)."""
+    worse on test-add (where both have it), measured on the same test images (where both say which)."""
+    if new.data and old.data and new.data != old.data:
+        return False, (
+            f"test data changed ({old.data[:8]} -> {new.data[:8]}): the scores do not compare; "
+            "re-evaluate the champion on this data or move the alias by hand"
+        )
     test_ok = new.test > old.test
     add_ok = new.test_add is None or old.test_add is None or new.test_add >= old.test_add
     why = f"test {new.test:.4f} {'>' if test_ok else '<='} {old.test:.4f}"
@@ -163,9 +186,11 @@ def publish(
     metrics: Mapping[str, Mapping[str, float]],
     tta: Tta,
     example: np.ndarray,
+    data: str | None = None,
 ) -> dict[str, str]:
     """Log `checkpoint` as a pyfunc in the active run, register it as a new version of `name` and move
-    the champion alias if it wins; returns the decision as tags (also set on the run and the version)."""
+    the champion alias if it wins; returns the decision as tags (also set on the run and the version).
+    `data`: digest of the test images the metrics come from (`data_digest`)."""
     checkpoint = Path(checkpoint).resolve()
     # one registration at a time (parallel experiments: versions and the alias stay consistent), written
     # from the project root: artifact locations are relative to it, not to a `--temp` experiment's copy
@@ -183,7 +208,7 @@ def publish(
         )
         client = MlflowClient()
         version = str(model_info.registered_model_version)
-        scores = Scores.of(metrics)
+        scores = Scores.of(metrics, data)
         for key, value in scores.tags().items():  # before the alias can point here: a champion has scores
             client.set_model_version_tag(name, version, key, value)
         decision = crown(client, name=name, version=version, scores=scores)
