@@ -122,9 +122,9 @@ def test_second_repro_does_nothing(project: Path) -> None:
 
 
 def test_a_module_change_reruns_exactly_the_stages_that_import_it(project: Path) -> None:
-    # report.py: only evaluate imports it. images.py: only prepare, whose outputs come out byte for
-    # byte the same, so nothing downstream re-runs either.
-    for module, stages in (("src/sstl/report.py", {"evaluate"}), ("src/sstl/images.py", {"prepare"})):
+    # report.py: only evaluate imports it. images.py: prepare, whose outputs come out byte for byte the
+    # same, so nothing downstream re-runs, and evaluate (the served model decodes requests with it).
+    for module, stages in (("src/sstl/report.py", {"evaluate"}), ("src/sstl/images.py", {"prepare", "evaluate"})):
         path = project / module
         path.write_text(path.read_text() + "\n# touched\n")
         assert ran_stages(dvc(project, "repro")) == stages, module
@@ -360,9 +360,9 @@ def test_every_evaluate_registers_a_version_and_the_champion_is_the_best_on_test
     ]
     versions = client.search_model_versions("name = 'sstl'")
     assert len(versions) == len(evaluates) >= 3  # baseline, experiments, re-runs
-    assert sorted(r.data.tags["sstl.model_version"] for r in evaluates) == sorted(v.version for v in versions)
+    assert sorted(int(r.data.tags["sstl.model_version"]) for r in evaluates) == sorted(int(v.version) for v in versions)
     champion = client.get_model_version_by_alias("sstl", "champion")
-    test = {v.version: float(v.tags["test_accuracy"]) for v in versions}
-    promoted = [v.version for v in versions if v.tags["champion"] == "promoted"]
+    test = {str(v.version): float(v.tags["test_accuracy"]) for v in versions}
+    promoted = [str(v.version) for v in versions if v.tags["champion"] == "promoted"]
     assert str(champion.version) == max(promoted, key=int)  # the alias is the last winner ...
     assert test[str(champion.version)] == max(test[v] for v in promoted)  # ... and each win raised test
