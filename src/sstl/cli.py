@@ -22,6 +22,7 @@ import yaml
 from sstl.errors import SstlError
 
 if TYPE_CHECKING:
+    from sstl.inference import Tta
     from sstl.params import Params
     from sstl.registry import ImageClassifier
 
@@ -231,7 +232,6 @@ def predict(
     ] = None,
 ) -> None:
     """Classify images with the fine-tuned student (or a registered model): top-k classes with probabilities."""
-    from sstl.params import load_params
     from sstl.predict import collect_images, render
     from sstl.predict import predict as run_predict
 
@@ -240,7 +240,7 @@ def predict(
         if tta is not None:
             classifier.tta = tta.value
         elif not _is_uri(model):
-            classifier.tta = load_params(PARAMS).evaluate.tta if PARAMS.is_file() else "none"
+            classifier.tta = _params_tta()
         images = collect_images(paths)
         rows = run_predict(
             classifier.model,
@@ -252,6 +252,13 @@ def predict(
             tta=classifier.tta,
         )
         typer.echo(render(rows, fmt.value))
+
+
+def _params_tta() -> Tta:
+    """params.yaml's evaluate.tta: what evaluate scored with, the default of predict and label-queue."""
+    from sstl.params import load_params
+
+    return load_params(PARAMS).evaluate.tta if PARAMS.is_file() else "none"
 
 
 def _is_uri(model: str) -> bool:
@@ -501,10 +508,9 @@ def label_queue(
 ) -> None:
     """Queue the unlabelled photos most worth labelling next: copies and a CSV for a labelling tool."""
     from sstl.labelling import label_queue as make_queue
-    from sstl.params import load_params
 
     with user_errors():
-        mode = tta.value if tta is not None else (load_params(PARAMS).evaluate.tta if PARAMS.is_file() else "none")
+        mode = tta.value if tta is not None else _params_tta()
         done = make_queue(
             model_path=model,
             folder=_photo_folder(folder),
