@@ -141,7 +141,14 @@ def upper_bound(folder: Path, extra: Path) -> dict:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared"
-        prepare_folder(folder, prepared, p.image_size(), p.data.val_fraction, p.seed, interpolation=p.interpolation())
+        prepare_folder(
+            folder,
+            prepared,
+            image_size=p.image_size(),
+            val_fraction=p.data.val_fraction,
+            seed=p.seed,
+            interpolation=p.interpolation(),
+        )
         classes = load_classes(prepared)
         labeled, val = load_split(prepared, "labeled"), load_split(prepared, "val")
         model = build_model(p.teacher.model(), len(classes), p.seed)

@@ -57,7 +57,7 @@ def main() -> None:
     schedule = TrainConfig(head_epochs=args.head_epochs, epochs=0, lr=3e-3, batch_size=32, patience=1000)
     with tempfile.TemporaryDirectory() as tmp:
         prepared, cache = Path(tmp) / "prepared", Path(tmp) / "features"
-        prepare_folder(folder, prepared, 224, 0.25, 42, interpolation="bicubic")
+        prepare_folder(folder, prepared, image_size=224, val_fraction=0.25, seed=42, interpolation="bicubic")
         classes = load_classes(prepared)
         labeled, val = load_split(prepared, "labeled"), load_split(prepared, "val")
 

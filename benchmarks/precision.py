@@ -55,7 +55,7 @@ def main() -> None:
     folder, prepared = CACHE.parent / "cifar10-400", CACHE.parent / "cifar10-400-prepared-c"
     layout(CACHE, folder, 400, seed=0)
     if not (prepared / "manifest.csv").is_file():
-        prepare_folder(folder, prepared, 32, 0.1, seed=42, corrupt_test=CORRUPT)
+        prepare_folder(folder, prepared, image_size=32, val_fraction=0.1, seed=42, corrupt_test=CORRUPT)
     labeled, val, test, test_add = (load_split(prepared, s) for s in ("labeled", "val", "test", "test-add"))
     schedule = TrainConfig(
         head_epochs=0,

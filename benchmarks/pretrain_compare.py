@@ -43,7 +43,7 @@ def main() -> None:
     folder, prepared = CACHE.parent / "cifar10-400", CACHE.parent / "cifar10-400-prepared"
     layout(CACHE, folder, 400, seed=0)
     if not (prepared / "manifest.csv").is_file():
-        prepare_folder(folder, prepared, 32, 0.1, seed=42)
+        prepare_folder(folder, prepared, image_size=32, val_fraction=0.1, seed=42)
     labeled, val, test = (load_split(prepared, s) for s in ("labeled", "val", "test"))
 
     t0 = time.perf_counter()

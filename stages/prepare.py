@@ -38,9 +38,9 @@ def main() -> None:
         summary = prepare_folder(
             folder,
             PREPARED,
-            p.image_size(),
-            p.data.val_fraction,
-            p.seed,
+            image_size=p.image_size(),
+            val_fraction=p.data.val_fraction,
+            seed=p.seed,
             neardup=p.data.neardup,
             corrupt_test=p.data.test_add_corruptions,
             interpolation=p.interpolation(),

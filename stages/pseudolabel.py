@@ -51,7 +51,7 @@ def main() -> None:
             )
         with run:
             start = time.perf_counter()
-            selected = pseudolabel(model, PREPARED, p.pseudolabel, classes, STATE, runtime=runtime)
+            selected = pseudolabel(model, PREPARED, p.pseudolabel, classes, state_dir=STATE, runtime=runtime)
             seconds = time.perf_counter() - start
             if selected is None:  # a rank > 0: its shards are merged into rank 0's selection
                 return

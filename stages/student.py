@@ -34,7 +34,8 @@ def main() -> None:
     p = load_params()
     runtime = p.runtime("train")
     labeled, val = load_split(PREPARED, "labeled"), load_split(PREPARED, "val")
-    pseudo, soft = pseudo_targets(load_split(PREPARED, "unlabeled"), read_csv(PSEUDO), np.load(PROBS))
+    pool = load_split(PREPARED, "unlabeled", lazy=True)  # only the pseudo-labelled rows are read
+    pseudo, soft = pseudo_targets(pool, read_csv(PSEUDO), np.load(PROBS))
     classes = load_classes(PREPARED)
     train = ImageSet.concat(labeled, pseudo)
     hard = one_hot(labeled.labels, len(classes)).float()  # the labelled rows' targets stay their labels
@@ -70,8 +71,8 @@ def main() -> None:
             augment=augment,
             augment_head=p.student.augment.head_phase,
             feature_cache=FEATURES,
-            state=Path(".sstl-state/train/student.pt"),
-            targets=targets,  # per-epoch resume state: git-ignored, not a DVC output
+            state=Path(".sstl-state/train/student.pt"),  # per-epoch resume state: git-ignored, not a DVC output
+            targets=targets,
         )
     if rank == 0:
         print(f"student: val_loss={result.best_val_loss:.4f} val_acc={result.best_val_acc:.4f} -> {MODEL}")

@@ -4,6 +4,7 @@ With tune.frozen_backbone the trials train the head alone on backbone features c
 (cached in FEATURES, which the teacher stage reuses for its own phase 1).
 """
 
+import math
 import shutil
 from pathlib import Path
 
@@ -58,7 +59,8 @@ def main() -> None:
         write_json(OUT / "best_params.json", best)
         tracking.log_artifacts(OUT)
     shutil.rmtree(STATE, ignore_errors=True)  # done: `dvc repro -f tune` searches again rather than replays
-    print(f"tune: best of {len(trials)} trials: val_loss={min(t['val_loss'] for t in trials):.4f} {best}")
+    winner = min(t["val_loss"] for t in trials if math.isfinite(t["val_loss"]))  # best_params: at least one
+    print(f"tune: best of {len(trials)} trials: val_loss={winner:.4f} {best}")
 
 
 if __name__ == "__main__":

@@ -221,7 +221,7 @@ def tiny_folder(root: Path) -> Path:
 
 def test_gather_data_from_a_prepared_folder(tmp_path: Path) -> None:
     folder = tiny_folder(tmp_path / "images")
-    summary = prepare_folder(folder, tmp_path / "prepared", 8, 0.25, seed=0)
+    summary = prepare_folder(folder, tmp_path / "prepared", image_size=8, val_fraction=0.25, seed=0)
     data = gather_data(tmp_path / "prepared", folder=str(folder))
     # 4 labelled per class, 1 each to val; the copy of a test image is dropped from the pool
     assert {s: v["images"] for s, v in data["splits"].items()} == summary.counts
@@ -239,7 +239,7 @@ def test_gather_data_from_a_prepared_folder(tmp_path: Path) -> None:
 def test_gather_data_names_generated_test_add(tmp_path: Path) -> None:
     folder = tiny_folder(tmp_path / "images")
     cfg = CorruptConfig(kinds=["jpeg", "contrast"], severity=2, seed=5)
-    prepare_folder(folder, tmp_path / "prepared", 8, 0.25, seed=0, corrupt_test=cfg)
+    prepare_folder(folder, tmp_path / "prepared", image_size=8, val_fraction=0.25, seed=0, corrupt_test=cfg)
     data = gather_data(tmp_path / "prepared", folder=str(folder), test_add_corruptions=cfg.model_dump())
     assert data["splits"]["test-add"]["images"] == data["splits"]["test"]["images"] == 6
     assert data["test_add"]["kind"] == "corruptions"

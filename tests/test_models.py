@@ -226,6 +226,15 @@ def test_load_missing_checkpoint(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "nope.pt")
 
 
+@pytest.mark.parametrize("payload", [{"weight": torch.zeros(2)}, {"disabled": True}, [1, 2]])
+def test_load_checkpoint_refuses_what_is_not_an_sstl_checkpoint(tmp_path: Path, payload: object) -> None:
+    """A plain state_dict, pretrain's "disabled" marker, any other tensor file: one line, not a KeyError."""
+    path = tmp_path / "other.pt"
+    torch.save(payload, path)
+    with pytest.raises(SstlError, match="other.pt is not an sstl checkpoint"):
+        load_checkpoint(path)
+
+
 # --- small CNNs and sstl checkpoints as weights -----------------------------------------------
 
 

@@ -347,7 +347,7 @@ def test_prepare_drops_and_reports_near_duplicates(tmp_path: Path) -> None:
     save(root / "unlabeled" / "copies" / "v1_crop.png", big[13][3:, 2:-2])
     out = tmp_path / "prepared"
 
-    summary = prepare_folder(root, out, SIZE, 0.25, seed=0, neardup=NearDupConfig())
+    summary = prepare_folder(root, out, image_size=SIZE, val_fraction=0.25, seed=0, neardup=NearDupConfig())
     report = read_csv(out / "neardup.csv")
     assert {(r["unlabeled_path"], r["eval_path"], r["eval_split"]) for r in report} == {
         ("unlabeled/copies/t0_small.jpg", "test/a/t0.png", "test"),
@@ -363,8 +363,10 @@ def test_prepare_drops_and_reports_near_duplicates(tmp_path: Path) -> None:
     assert not manifest & {"unlabeled/copies/t0_small.jpg", "unlabeled/copies/v1_crop.png"}
     assert np.load(out / "unlabeled.npy").shape[0] == 8
 
-    off = prepare_folder(root, tmp_path / "off", SIZE, 0.25, seed=0)
+    off = prepare_folder(root, tmp_path / "off", image_size=SIZE, val_fraction=0.25, seed=0)
     assert off.near_duplicates_dropped == 0 and off.counts["unlabeled"] == 10
     assert read_csv(tmp_path / "off" / "neardup.csv") == []
-    disabled = prepare_folder(root, tmp_path / "disabled", SIZE, 0.25, seed=0, neardup=NearDupConfig(enabled=False))
+    disabled = prepare_folder(
+        root, tmp_path / "disabled", image_size=SIZE, val_fraction=0.25, seed=0, neardup=NearDupConfig(enabled=False)
+    )
     assert disabled.counts == off.counts

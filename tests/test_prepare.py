@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from conftest import finishes, unprivileged
 from PIL import Image
@@ -114,7 +115,7 @@ def folder(tmp_path: Path) -> Path:
 
 def test_prepare_writes_all_outputs(folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "prepared"
-    summary = prepare_folder(folder, out, SIZE, 0.25, seed=0)
+    summary = prepare_folder(folder, out, image_size=SIZE, val_fraction=0.25, seed=0)
 
     assert summary.classes == list(CLASSES)
     assert read_json(out / "classes.json") == list(CLASSES)
@@ -149,7 +150,7 @@ def test_prepare_writes_all_outputs(folder: Path, tmp_path: Path) -> None:
 
 def test_prepare_arrays_match_decoded_sources(folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "prepared"
-    prepare_folder(folder, out, SIZE, 0.25, seed=0)
+    prepare_folder(folder, out, image_size=SIZE, val_fraction=0.25, seed=0)
     for split in ("labeled", "val", "test", "unlabeled"):
         data = load_split(out, split)
         for img, path in zip(data.images.numpy(), data.paths, strict=True):
@@ -158,7 +159,7 @@ def test_prepare_arrays_match_decoded_sources(folder: Path, tmp_path: Path) -> N
 
 def test_load_split_labels_match_class_folders(folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "prepared"
-    prepare_folder(folder, out, SIZE, 0.25, seed=0)
+    prepare_folder(folder, out, image_size=SIZE, val_fraction=0.25, seed=0)
     classes = load_classes(out)
     for split in ("labeled", "val", "test"):
         data = load_split(out, split)
@@ -175,8 +176,8 @@ def test_load_split_labels_match_class_folders(folder: Path, tmp_path: Path) -> 
 
 
 def test_prepare_is_deterministic(folder: Path, tmp_path: Path) -> None:
-    prepare_folder(folder, tmp_path / "a", SIZE, 0.25, seed=5)
-    prepare_folder(folder, tmp_path / "b", SIZE, 0.25, seed=5)
+    prepare_folder(folder, tmp_path / "a", image_size=SIZE, val_fraction=0.25, seed=5)
+    prepare_folder(folder, tmp_path / "b", image_size=SIZE, val_fraction=0.25, seed=5)
     assert (tmp_path / "a" / "manifest.csv").read_bytes() == (tmp_path / "b" / "manifest.csv").read_bytes()
     for split in SPLITS:
         np.testing.assert_array_equal(
@@ -189,7 +190,7 @@ def test_bad_files_are_skipped_and_reported(folder: Path, tmp_path: Path) -> Non
     empty = write(folder / "unlabeled" / "sub" / "empty.png", b"")
     notes = write(folder / "labeled" / "bee" / "notes.txt", b"some notes")
     out = tmp_path / "prepared"
-    summary = prepare_folder(folder, out, SIZE, 0.25, seed=0)
+    summary = prepare_folder(folder, out, image_size=SIZE, val_fraction=0.25, seed=0)
 
     skipped = {Path(r["path"]).name: r["reason"] for r in read_csv(out / "skipped.csv")}
     assert set(skipped) == {"corrupt.jpg", "empty.png", "notes.txt"}
@@ -206,7 +207,7 @@ def test_bad_files_are_skipped_and_reported(folder: Path, tmp_path: Path) -> Non
 
 def test_loose_file_in_labeled_is_skipped(folder: Path, tmp_path: Path) -> None:
     write(folder / "labeled" / "stray.png", png_bytes(np.random.default_rng(9)))
-    summary = prepare_folder(folder, tmp_path / "prepared", SIZE, 0.25, seed=0)
+    summary = prepare_folder(folder, tmp_path / "prepared", image_size=SIZE, val_fraction=0.25, seed=0)
     assert [Path(s["path"]).name for s in summary.skipped] == ["stray.png"]
     assert "class folder" in summary.skipped[0]["reason"]
 
@@ -216,7 +217,7 @@ def test_unlabeled_duplicate_of_test_image_is_dropped(folder: Path, tmp_path: Pa
     dup = folder / "unlabeled" / "sub" / "copy_of_test.png"
     shutil.copyfile(test_img, dup)
     out = tmp_path / "prepared"
-    summary = prepare_folder(folder, out, SIZE, 0.25, seed=0)
+    summary = prepare_folder(folder, out, image_size=SIZE, val_fraction=0.25, seed=0)
 
     assert summary.duplicates_dropped == 1
     assert summary.as_metrics()["n_duplicates_dropped"] == 1
@@ -237,7 +238,7 @@ def test_no_unlabeled_image_duplicates_an_evaluation_image(folder: Path, tmp_pat
     for src in sorted((folder / "labeled").rglob("*.png")):
         shutil.copyfile(src, folder / "unlabeled" / f"copy_{src.parent.name}_{src.name}")
     out = tmp_path / "prepared"
-    summary = prepare_folder(folder, out, SIZE, 0.25, seed=0)
+    summary = prepare_folder(folder, out, image_size=SIZE, val_fraction=0.25, seed=0)
 
     rows = read_csv(out / "manifest.csv")
     eval_hashes = {r["sha256"] for r in rows if r["split"] in ("val", "test", "test-add")}
@@ -251,7 +252,7 @@ def test_explicit_val_folder_is_used(folder: Path, tmp_path: Path) -> None:
     for c in CLASSES[:2]:
         write(folder / "val" / c / f"v{c}.png", png_bytes(rng))
     out = tmp_path / "prepared"
-    summary = prepare_folder(folder, out, SIZE, 0.5, seed=0)
+    summary = prepare_folder(folder, out, image_size=SIZE, val_fraction=0.5, seed=0)
 
     assert summary.counts["labeled"] == 12, "nothing is split off labeled/ when val/ exists"
     assert summary.counts["val"] == 2
@@ -261,7 +262,7 @@ def test_explicit_val_folder_is_used(folder: Path, tmp_path: Path) -> None:
 
 def test_test_add_folder(folder: Path, tmp_path: Path) -> None:
     write(folder / "test-add" / "bee" / "extra.png", png_bytes(np.random.default_rng(5)))
-    summary = prepare_folder(folder, tmp_path / "prepared", SIZE, 0.25, seed=0)
+    summary = prepare_folder(folder, tmp_path / "prepared", image_size=SIZE, val_fraction=0.25, seed=0)
     assert summary.counts["test-add"] == 1
     assert np.load(tmp_path / "prepared" / "test-add.npy").shape == (1, SIZE, SIZE, 3)
     assert load_split(tmp_path / "prepared", "test-add").labels.tolist() == [1]
@@ -273,7 +274,7 @@ def test_mixed_formats_and_sizes(folder: Path, tmp_path: Path) -> None:
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 256, (33, 17, 3), dtype=np.uint8)).save(buf, fmt)
         write(folder / "labeled" / "cat" / f"x{suffix}", buf.getvalue())
-    summary = prepare_folder(folder, tmp_path / "prepared", SIZE, 0.25, seed=0)
+    summary = prepare_folder(folder, tmp_path / "prepared", image_size=SIZE, val_fraction=0.25, seed=0)
     assert summary.skipped == []
     assert summary.counts["labeled"] + summary.counts["val"] == 15
 
@@ -282,43 +283,43 @@ def test_class_with_only_corrupt_files_is_an_error(folder: Path, tmp_path: Path)
     write(folder / "labeled" / "dog" / "bad.png", b"\x89PNG\r\n\x1a\n broken")
     write(folder / "labeled" / "dog" / "bad2.jpg", b"")
     with pytest.raises(SstlError, match="dog"):
-        prepare_folder(folder, tmp_path / "prepared", SIZE, 0.25, seed=0)
+        prepare_folder(folder, tmp_path / "prepared", image_size=SIZE, val_fraction=0.25, seed=0)
 
 
 def test_test_class_not_in_labeled_is_an_error(folder: Path, tmp_path: Path) -> None:
     write(folder / "test" / "dog" / "d.png", png_bytes(np.random.default_rng(3)))
     with pytest.raises(SstlError, match="dog"):
-        prepare_folder(folder, tmp_path / "prepared", SIZE, 0.25, seed=0)
+        prepare_folder(folder, tmp_path / "prepared", image_size=SIZE, val_fraction=0.25, seed=0)
 
 
 def test_val_class_not_in_labeled_is_an_error(folder: Path, tmp_path: Path) -> None:
     write(folder / "val" / "dog" / "d.png", png_bytes(np.random.default_rng(3)))
     with pytest.raises(SstlError, match="dog"):
-        prepare_folder(folder, tmp_path / "prepared", SIZE, 0.25, seed=0)
+        prepare_folder(folder, tmp_path / "prepared", image_size=SIZE, val_fraction=0.25, seed=0)
 
 
 def test_missing_test_folder_is_an_error(folder: Path, tmp_path: Path) -> None:
     shutil.rmtree(folder / "test")
     with pytest.raises(SstlError, match="test"):
-        prepare_folder(folder, tmp_path / "prepared", SIZE, 0.25, seed=0)
+        prepare_folder(folder, tmp_path / "prepared", image_size=SIZE, val_fraction=0.25, seed=0)
 
 
 def test_empty_test_folder_is_an_error(folder: Path, tmp_path: Path) -> None:
     shutil.rmtree(folder / "test")
     (folder / "test").mkdir()
     with pytest.raises(SstlError, match="test"):
-        prepare_folder(folder, tmp_path / "prepared", SIZE, 0.25, seed=0)
+        prepare_folder(folder, tmp_path / "prepared", image_size=SIZE, val_fraction=0.25, seed=0)
 
 
 def test_missing_root_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(SstlError, match="not found"):
-        prepare_folder(tmp_path / "nowhere", tmp_path / "prepared", SIZE, 0.25, seed=0)
+        prepare_folder(tmp_path / "nowhere", tmp_path / "prepared", image_size=SIZE, val_fraction=0.25, seed=0)
 
 
 def test_errors_are_one_line(folder: Path, tmp_path: Path) -> None:
     shutil.rmtree(folder / "unlabeled")
     with pytest.raises(SstlError) as info:
-        prepare_folder(folder, tmp_path / "prepared", SIZE, 0.25, seed=0)
+        prepare_folder(folder, tmp_path / "prepared", image_size=SIZE, val_fraction=0.25, seed=0)
     assert "unlabeled" in str(info.value)
     assert "\n" not in str(info.value)
 
@@ -327,7 +328,9 @@ def test_test_add_built_from_corrupted_test_images(folder: Path, tmp_path: Path)
     from sstl.corruptions import CorruptConfig
 
     out = tmp_path / "prepared"
-    summary = prepare_folder(folder, out, 16, 0.25, 0, corrupt_test=CorruptConfig(severity=4, seed=1))
+    summary = prepare_folder(
+        folder, out, image_size=16, val_fraction=0.25, seed=0, corrupt_test=CorruptConfig(severity=4, seed=1)
+    )
     assert summary.counts["test-add"] == summary.counts["test"]
     test, add = load_split(out, "test"), load_split(out, "test-add")
     assert test.labels.tolist() == add.labels.tolist()
@@ -336,7 +339,7 @@ def test_test_add_built_from_corrupted_test_images(folder: Path, tmp_path: Path)
     some_test = next((folder / "test").rglob("*.png"))
     write(folder / "test-add" / some_test.parent.name / "x.png", png_bytes(np.random.default_rng(9)))
     with pytest.raises(SstlError, match="one or the other"):
-        prepare_folder(folder, tmp_path / "p2", 16, 0.25, 0, corrupt_test=CorruptConfig())
+        prepare_folder(folder, tmp_path / "p2", image_size=16, val_fraction=0.25, seed=0, corrupt_test=CorruptConfig())
 
 
 # ---------------------------------------------------------------- users' real folders: bad entries, litter
@@ -376,7 +379,7 @@ def skipped_reasons(out: Path, root: Path) -> dict[str, str]:
 def test_broken_links_fifos_sockets_are_skipped_and_listed(folder: Path, tmp_path: Path) -> None:
     expected = add_bad_entries(folder)
     out = tmp_path / "prepared"
-    summary = finishes(lambda: prepare_folder(folder, out, SIZE, 0.25, seed=0))
+    summary = finishes(lambda: prepare_folder(folder, out, image_size=SIZE, val_fraction=0.25, seed=0))
 
     reasons = skipped_reasons(out, folder)
     assert set(reasons) == set(expected)
@@ -396,7 +399,7 @@ def test_links_to_photos_and_linked_class_folders_are_followed(folder: Path, tmp
     (folder / "labeled" / "dog").symlink_to(outside / "dogs")
     (folder / "unlabeled" / "linked.png").symlink_to(outside / "u.png")
     out = tmp_path / "prepared"
-    summary = prepare_folder(folder, out, SIZE, 0.25, seed=0)
+    summary = prepare_folder(folder, out, image_size=SIZE, val_fraction=0.25, seed=0)
     assert summary.skipped == []
     assert summary.classes == [*CLASSES, "dog"]
     paths = {r["path"] for r in read_csv(out / "manifest.csv")}
@@ -418,7 +421,7 @@ def test_file_that_vanishes_after_the_scan_is_skipped(
 
     monkeypatch.setattr(sstl.prepare, "scan", scan_then_delete)
     out = tmp_path / "prepared"
-    summary = prepare_folder(folder, out, SIZE, 0.25, seed=0)
+    summary = prepare_folder(folder, out, image_size=SIZE, val_fraction=0.25, seed=0)
     assert skipped_reasons(out, folder) == {"unlabeled/sub/u1.png": "vanished while scanning"}
     assert summary.counts["unlabeled"] == 2
 
@@ -434,7 +437,7 @@ def test_unreadable_file_is_skipped(folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "prepared"
     code = (
         "import sys\nfrom pathlib import Path\nfrom sstl.prepare import prepare_folder\n"
-        "prepare_folder(Path(sys.argv[1]), Path(sys.argv[2]), 8, 0.25, seed=0)"
+        "prepare_folder(Path(sys.argv[1]), Path(sys.argv[2]), image_size=8, val_fraction=0.25, seed=0)"
     )
     res = subprocess.run(
         [*prefix, sys.executable, "-c", code, str(folder), str(out)], capture_output=True, text=True, timeout=300
@@ -458,13 +461,13 @@ def test_unreadable_file_reason_without_privileges(
 
     monkeypatch.setattr(os, "open", fake_open)
     out = tmp_path / "prepared"
-    summary = prepare_folder(folder, out, SIZE, 0.25, seed=0)
+    summary = prepare_folder(folder, out, image_size=SIZE, val_fraction=0.25, seed=0)
     assert skipped_reasons(out, folder) == {"test/ant/tant0.png": "unreadable: permission denied"}
     assert summary.counts["test"] == 5
 
 
 def test_hidden_folders_and_files_are_ignored(folder: Path, tmp_path: Path) -> None:
-    baseline = prepare_folder(folder, tmp_path / "before", SIZE, 0.25, seed=0)
+    baseline = prepare_folder(folder, tmp_path / "before", image_size=SIZE, val_fraction=0.25, seed=0)
     rng = np.random.default_rng(33)
     for rel in (
         "labeled/.ipynb_checkpoints/ant0-checkpoint.png",
@@ -482,7 +485,7 @@ def test_hidden_folders_and_files_are_ignored(folder: Path, tmp_path: Path) -> N
         write(folder / rel, png_bytes(rng))
     (folder / "labeled" / ".Trash").mkdir()
     out = tmp_path / "after"
-    summary = prepare_folder(folder, out, SIZE, 0.25, seed=0)
+    summary = prepare_folder(folder, out, image_size=SIZE, val_fraction=0.25, seed=0)
     assert summary.classes == list(CLASSES)
     assert summary.skipped == [] and read_csv(out / "skipped.csv") == []
     assert summary.counts == baseline.counts
@@ -498,7 +501,7 @@ def test_single_class_is_refused_in_one_line(tmp_path: Path) -> None:
     write(root / "test" / "cat" / "t.png", png_bytes(rng))
     write(root / "unlabeled" / "u.png", png_bytes(rng))
     with pytest.raises(SstlError) as info:
-        prepare_folder(root, tmp_path / "prepared", SIZE, 0.25, seed=0)
+        prepare_folder(root, tmp_path / "prepared", image_size=SIZE, val_fraction=0.25, seed=0)
     message = str(info.value)
     assert str(root / "labeled") in message and "only 1 class (cat)" in message and "at least 2 classes" in message
     assert "\n" not in message
@@ -512,7 +515,7 @@ def test_no_class_at_all_is_refused(tmp_path: Path) -> None:
     write(root / "test" / "cat" / "t.png", png_bytes(rng))
     write(root / "unlabeled" / "u.png", png_bytes(rng))
     with pytest.raises(SstlError, match="no class folder with a readable image: add at least 2 classes"):
-        prepare_folder(root, tmp_path / "prepared", SIZE, 0.25, seed=0)
+        prepare_folder(root, tmp_path / "prepared", image_size=SIZE, val_fraction=0.25, seed=0)
 
 
 def test_empty_unlabeled_pool_is_refused(folder: Path, tmp_path: Path) -> None:
@@ -520,7 +523,7 @@ def test_empty_unlabeled_pool_is_refused(folder: Path, tmp_path: Path) -> None:
     (folder / "unlabeled" / "sub").mkdir(parents=True)
     (folder / "unlabeled" / ".DS_Store").write_bytes(b"litter")
     with pytest.raises(SstlError) as info:
-        prepare_folder(folder, tmp_path / "prepared", SIZE, 0.25, seed=0)
+        prepare_folder(folder, tmp_path / "prepared", image_size=SIZE, val_fraction=0.25, seed=0)
     message = str(info.value)
     assert str(folder / "unlabeled") in message and "add unlabelled photos there" in message
     assert "\n" not in message
@@ -533,13 +536,13 @@ def test_unlabeled_pool_of_only_bad_entries_is_refused_and_the_skips_are_kept(fo
     write(folder / "unlabeled" / "copy.png", (folder / "test" / "ant" / "tant0.png").read_bytes())
     out = tmp_path / "prepared"
     with pytest.raises(SstlError, match=r"no usable image in .*unlabeled .*1 skipped entries are listed in"):
-        prepare_folder(folder, out, SIZE, 0.25, seed=0)
+        prepare_folder(folder, out, image_size=SIZE, val_fraction=0.25, seed=0)
     assert skipped_reasons(out, folder) == {"unlabeled/broken.jpg": "broken symbolic link (its target is missing)"}
 
 
 def test_absent_test_add_is_recorded_as_absent(folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "prepared"
-    summary = prepare_folder(folder, out, SIZE, 0.25, seed=0)
+    summary = prepare_folder(folder, out, image_size=SIZE, val_fraction=0.25, seed=0)
     splits = read_json(out / "splits.json")
     assert splits["test-add"] == {"images": 0, "source": "absent (no test-add/ folder)"}
     assert splits["val"]["source"].startswith("held out from labeled/")
@@ -547,7 +550,7 @@ def test_absent_test_add_is_recorded_as_absent(folder: Path, tmp_path: Path) -> 
     assert np.load(out / "test-add.npy").shape == (0, SIZE, SIZE, 3)
     assert len(load_split(out, "test-add")) == 0
     (folder / "test-add").mkdir()
-    prepare_folder(folder, out, SIZE, 0.25, seed=0)
+    prepare_folder(folder, out, image_size=SIZE, val_fraction=0.25, seed=0)
     assert read_json(out / "splits.json")["test-add"]["source"] == "test-add/ has no readable image"
 
 
@@ -566,7 +569,9 @@ def test_skip_report_prints_a_count_and_the_first_few() -> None:
 
 def test_fingerprint_is_what_prepare_packed_and_changes_only_with_the_photos(folder: Path, tmp_path: Path) -> None:
     add_bad_entries(folder)
-    summary = finishes(lambda: prepare_folder(folder, tmp_path / "prepared", SIZE, 0.25, seed=0))
+    summary = finishes(
+        lambda: prepare_folder(folder, tmp_path / "prepared", image_size=SIZE, val_fraction=0.25, seed=0)
+    )
     first = fingerprint(folder, summary.inventory)
     assert finishes(lambda: fingerprint(folder, folder_inventory(folder))) == first
     assert first["files"] == 21 and first["skipped"] == 5
@@ -704,9 +709,28 @@ def test_optional_split_that_is_a_broken_link_is_listed(folder: Path, tmp_path: 
     (folder / "test-add").symlink_to(tmp_path / "unmounted-drive" / "test-add")
     write(folder / "val", b"a file where the val/ folder should be")
     out = tmp_path / "prepared"
-    summary = prepare_folder(folder, out, SIZE, 0.25, seed=0)
+    summary = prepare_folder(folder, out, image_size=SIZE, val_fraction=0.25, seed=0)
     assert skipped_reasons(out, folder) == {
         "test-add": "broken symbolic link (its target is missing)",
         "val": "not a folder: val/ must be a folder",
     }
     assert summary.counts["test-add"] == 0 and summary.counts["val"] == 3
+
+
+def test_load_classes_before_prepare_names_the_stage(tmp_path: Path) -> None:
+    with pytest.raises(SstlError, match=r"classes.json not found: run the prepare stage first"):
+        load_classes(tmp_path)
+
+
+def test_lazy_split_subsets_like_the_eager_one_and_never_writes_the_file(folder: Path, tmp_path: Path) -> None:
+    """The student's pool: memory-mapped copy-on-write; a subset equals the eager one; the .npy is untouched."""
+    out = tmp_path / "prepared"
+    prepare_folder(folder, out, image_size=SIZE, val_fraction=0.25, seed=0)
+    before = sha(out / "unlabeled.npy")
+    eager, lazy = load_split(out, "unlabeled"), load_split(out, "unlabeled", lazy=True)
+    index = torch.tensor([2, 0, 2])
+    picked = lazy.subset(index)
+    assert torch.equal(picked.images, eager.subset(index).images) and picked.paths == eager.subset(index).paths
+    lazy.images[0].fill_(7)  # writable (torch needs it), private to this process
+    assert sha(out / "unlabeled.npy") == before
+    assert not torch.equal(load_split(out, "unlabeled").images[0], lazy.images[0])

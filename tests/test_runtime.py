@@ -128,9 +128,9 @@ def test_bf16_inference_returns_fp32_logits_close_to_fp32() -> None:
 @any_cpu
 def test_bf16_scores_never_resume_an_fp32_state(tmp_path: Path) -> None:
     model = scorer()
-    select_pool(model, POOL, CFG, 3, tmp_path)
+    select_pool(model, POOL, CFG, 3, state_dir=tmp_path)
     shards: list[int] = []
-    got = select_pool(model, POOL, CFG, 3, tmp_path, on_shard=shards.append, runtime=BF16)
+    got = select_pool(model, POOL, CFG, 3, state_dir=tmp_path, on_shard=shards.append, runtime=BF16)
     assert shards == list(range(6)), "a state scored in fp32 is not resumed by a bf16 run"
     want = select_pool(model, POOL, CFG, 3, runtime=BF16)
     assert got is not None and want is not None

@@ -283,12 +283,12 @@ def test_resume_after_a_kill(teacher: tuple[Classifier, Path], pool: Path, tmp_p
             raise Killed
 
     with pytest.raises(Killed):
-        select_pool(model, images_of(pool), CFG, 3, state, on_shard=die_after_3)
+        select_pool(model, images_of(pool), CFG, 3, state_dir=state, on_shard=die_after_3)
     saved = torch.load(state_file(state, 0, 1), weights_only=True)
     assert saved["last_shard"] == 2, "the state is saved before on_shard is told"
 
     resumed: list[int] = []
-    got = select_pool_logits(model, images_of(pool), CFG, 3, state, on_shard=resumed.append)
+    got = select_pool_logits(model, images_of(pool), CFG, 3, state_dir=state, on_shard=resumed.append)
     assert resumed == [3, 4, 5], "the second run computes only the shards not yet finished"
     assert got is not None
     want = select_pool_logits(model, images_of(pool), CFG, 3)  # an uninterrupted run
@@ -298,7 +298,7 @@ def test_resume_after_a_kill(teacher: tuple[Classifier, Path], pool: Path, tmp_p
 
     other: list[int] = []  # a state from another run (other params) is ignored and overwritten
     changed = CFG.model_copy(update={"top_k": 5})
-    got5 = select_pool(model, images_of(pool), changed, 3, state, on_shard=other.append)
+    got5 = select_pool(model, images_of(pool), changed, 3, state_dir=state, on_shard=other.append)
     assert other == list(range(6))
     assert got5 is not None
     assert_same(got5, select_pool(model, images_of(pool), changed, 3))
@@ -317,10 +317,10 @@ def test_resume_with_another_temperature(teacher: tuple[Classifier, Path], pool:
             raise Killed
 
     with pytest.raises(Killed):
-        select_pool_logits(model, images_of(pool), CFG, 3, tmp_path, on_shard=die_after_2)
+        select_pool_logits(model, images_of(pool), CFG, 3, state_dir=tmp_path, on_shard=die_after_2)
     resumed: list[int] = []
     hot = CFG.model_copy(update={"temperature": 4.0})
-    got = select_pool_logits(model, images_of(pool), hot, 3, tmp_path, on_shard=resumed.append)
+    got = select_pool_logits(model, images_of(pool), hot, 3, state_dir=tmp_path, on_shard=resumed.append)
     assert resumed == [2, 3, 4, 5]
     assert got is not None
     want = select_pool_logits(model, images_of(pool), CFG, 3)
@@ -336,14 +336,14 @@ def test_state_without_the_logits_is_ignored(teacher: tuple[Classifier, Path], p
         raise Killed
 
     with pytest.raises(Killed):
-        select_pool(model, images_of(pool), CFG, 3, tmp_path, on_shard=die)
+        select_pool(model, images_of(pool), CFG, 3, state_dir=tmp_path, on_shard=die)
     path = state_file(tmp_path, 0, 1)
     state = torch.load(path, weights_only=True)
     state["logits"]["index"] = state["logits"]["index"][1:]  # an image held without its logits
     state["logits"]["values"] = state["logits"]["values"][1:]
     torch.save(state, path)
     shards: list[int] = []
-    got = select_pool_logits(model, images_of(pool), CFG, 3, tmp_path, on_shard=shards.append)
+    got = select_pool_logits(model, images_of(pool), CFG, 3, state_dir=tmp_path, on_shard=shards.append)
     assert shards == list(range(6)), "started afresh"
     assert got is not None
     assert torch.equal(got[1], pool_logits(model, pool, CFG)[got[0][0]])
@@ -351,17 +351,17 @@ def test_state_without_the_logits_is_ignored(teacher: tuple[Classifier, Path], p
 
 def test_state_of_another_model_is_ignored(teacher: tuple[Classifier, Path], pool: Path, tmp_path: Path) -> None:
     model, _ = teacher
-    select_pool(model, images_of(pool), CFG, 3, tmp_path, on_shard=None)
+    select_pool(model, images_of(pool), CFG, 3, state_dir=tmp_path, on_shard=None)
     torch.manual_seed(1)
     other_model = create_model(ModelConfig(arch="resnet18"), 3).eval()
     shards: list[int] = []
-    select_pool(other_model, images_of(pool), CFG, 3, tmp_path, on_shard=shards.append)
+    select_pool(other_model, images_of(pool), CFG, 3, state_dir=tmp_path, on_shard=shards.append)
     assert shards == list(range(6))
 
 
 def test_workflow_rows_carry_manifest_paths(teacher: tuple[Classifier, Path], pool: Path, tmp_path: Path) -> None:
     model, _ = teacher
-    out = pseudolabel(model, pool, CFG, ["a", "b", "c"], tmp_path / "state")
+    out = pseudolabel(model, pool, CFG, ["a", "b", "c"], state_dir=tmp_path / "state")
     assert out is not None
     rows, counts, probs = out
     assert probs.shape == (len(rows), 3)
@@ -375,7 +375,7 @@ def test_workflow_rows_carry_manifest_paths(teacher: tuple[Classifier, Path], po
 def test_soft_targets_align_with_the_rows(teacher: tuple[Classifier, Path], pool: Path, tmp_path: Path) -> None:
     model, _ = teacher
     cfg = CFG.model_copy(update={"top_p": 1})
-    out = pseudolabel(model, pool, cfg, ["a", "b", "c"], tmp_path / "state")
+    out = pseudolabel(model, pool, cfg, ["a", "b", "c"], state_dir=tmp_path / "state")
     assert out is not None
     rows, _, probs = out
     assert len(rows) > 0 and probs.dtype == torch.float32 and probs.shape == (len(rows), 3)
@@ -434,7 +434,7 @@ model, _ = load_checkpoint(Path(checkpoint))
 with distributed() as (rank, size):
     assert size == 2, size
     sel = select_pool_logits(
-        model, np.load(images, mmap_mode="r"), SelectConfig.model_validate_json(cfg), 3, Path(state)
+        model, np.load(images, mmap_mode="r"), SelectConfig.model_validate_json(cfg), 3, state_dir=Path(state)
     )
     if rank == 0:
         torch.save(sel, out)

@@ -202,3 +202,12 @@ def test_soft_targets_drive_the_loss() -> None:
     model_hard = new_model("convnet_s")
     hard = fit(model_hard, TRAIN, VAL, cfg, num_classes=2, seed=0)
     assert hard.history[-1]["train_acc"] > 0.8
+
+
+def test_sgd_without_momentum_is_plain_sgd() -> None:
+    """torch refuses Nesterov without momentum: momentum 0 (a valid param) must still train."""
+    model = create_model(ModelConfig(arch="airbench_s", head_layers=0, dropout=0.0, widths=(8, 8, 8)), 2)
+    opt = make_optimizer(model, AIRBENCH.model_copy(update={"momentum": 0.0}), 0.5)
+    assert opt.defaults["momentum"] == 0.0 and not opt.defaults["nesterov"]
+    result = fit(model, TRAIN, VAL, AIRBENCH.model_copy(update={"momentum": 0.0, "epochs": 1}), num_classes=2, seed=0)
+    assert len(result.history) == 1

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from skopt.space import Categorical, Integer, Real
 
+from sstl.errors import SstlError
 from sstl.params import TeacherParams, parse_params
 from sstl.tune import SpaceEntry, best_params, search
 
@@ -25,7 +26,7 @@ def objective(trial: int, params: dict[str, Any]) -> dict[str, float]:
 
 
 def run(seed: int = 0) -> list[dict[str, Any]]:
-    return search(SPACE, objective, N_RANDOM, N_GUIDED, seed)
+    return search(SPACE, objective, n_random=N_RANDOM, n_guided=N_GUIDED, seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,7 @@ def test_categorical_values_are_plain_python() -> None:
         "h": SpaceEntry(values=[64, 128]),
         "wd": SpaceEntry(low=1e-5, high=1e-2, prior="log-uniform"),
     }
-    rows = search(space, lambda trial, p: {"val_loss": float(p["h"]) + p["wd"]}, 6, 0, 0)
+    rows = search(space, lambda trial, p: {"val_loss": float(p["h"]) + p["wd"]}, n_random=6, n_guided=0, seed=0)
     for r in rows:
         assert type(r["flag"]) is bool
         assert type(r["h"]) is int and r["h"] in (64, 128)
@@ -84,7 +85,7 @@ def test_same_seed_same_trials(trials: list[dict[str, Any]]) -> None:
         return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
 
     assert strip(run(0)) == strip(trials)
-    other = search(SPACE, objective, N_RANDOM, 0, seed=1)
+    other = search(SPACE, objective, n_random=N_RANDOM, n_guided=0, seed=1)
     assert strip(other) != strip(trials[:N_RANDOM])
 
 
@@ -103,7 +104,7 @@ def test_non_finite_loss_is_a_bad_score() -> None:
     def diverging(trial: int, params: dict[str, Any]) -> dict[str, float]:
         return {"val_loss": math.inf if trial == 0 else objective(trial, params)["val_loss"]}
 
-    rows = search(SPACE, diverging, 3, 1, 0)
+    rows = search(SPACE, diverging, n_random=3, n_guided=1, seed=0)
     assert rows[0]["best_so_far"] == 1e6
     assert all(math.isfinite(r["best_so_far"]) for r in rows)
     assert rows[-1]["best_so_far"] < 1e6
@@ -115,7 +116,7 @@ def test_best_params_ignores_a_diverged_first_trial() -> None:
     def diverging(trial: int, params: dict[str, Any]) -> dict[str, float]:
         return {"val_loss": math.nan if trial == 0 else objective(trial, params)["val_loss"]}
 
-    rows = search(SPACE, diverging, 3, 1, 0)
+    rows = search(SPACE, diverging, n_random=3, n_guided=1, seed=0)
     assert math.isnan(rows[0]["val_loss"])
     best = best_params(rows, list(SPACE))
     assert best != {k: rows[0][k] for k in SPACE}, "best_params chose the diverged (NaN) trial"
@@ -132,5 +133,43 @@ def test_validated_space_only_proposes_valid_teachers() -> None:
         cfg = TeacherParams.model_validate({**p.teacher.model_dump(), **params})
         return {"val_loss": abs(cfg.hidden_size - 64) / 64}
 
-    rows = search(p.tune.space, as_teacher, 3, 0, 0)
+    rows = search(p.tune.space, as_teacher, n_random=3, n_guided=0, seed=0)
     assert all(type(r["hidden_size"]) is int for r in rows)
+
+
+def test_a_diverged_trial_is_scored_as_the_worst_and_the_search_goes_on(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Through tune_teacher: trial 1's training really diverges (NaN weights give a NaN loss in the real
+    loop); the search records it as NaN, finishes its other trials and never picks it."""
+    import torch
+    from test_training import TRAIN, VAL
+
+    from sstl import tracking, workflow
+
+    real_fit = workflow.fit
+
+    def fit_poisoning_trial_1(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if kwargs["desc"] == "trial 1":
+            with torch.no_grad():
+                next(model.head.parameters()).fill_(math.nan)
+        return real_fit(model, *args, **kwargs)
+
+    monkeypatch.setattr(workflow, "fit", fit_poisoning_trial_1)
+    teacher = TeacherParams.model_validate(
+        {"arch": "convnet_s", "head_layers": 0, "head_epochs": 0, "epochs": 1, "batch_size": 20, "unfreeze_blocks": 100}
+    )
+    space = {"lr": SpaceEntry(low=0.001, high=0.01, prior="log-uniform")}
+    with tracking.stage_run("tune", "test-tune-divergence", {}):
+        rows = workflow.tune_teacher(teacher, space, TRAIN, VAL, num_classes=2, trials=(3, 0), seed=0)
+    assert [r["trial"] for r in rows] == [0, 1, 2]
+    assert math.isnan(rows[1]["val_loss"]) and rows[1]["val_acc"] == 0.0
+    assert all(math.isfinite(rows[i]["val_loss"]) for i in (0, 2))
+    assert best_params(rows, ["lr"])["lr"] != rows[1]["lr"]
+    assert "tune: trial 1 training diverged: loss nan" in capsys.readouterr().out
+
+
+def test_all_trials_diverged_is_one_clear_error() -> None:
+    rows = [{"trial": t, "lr": 0.1 * (t + 1), "val_loss": math.nan} for t in range(3)]
+    with pytest.raises(SstlError, match="all 3 tune trials diverged: lower tune.space.lr"):
+        best_params(rows, ["lr"])

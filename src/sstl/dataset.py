@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -43,26 +44,33 @@ def save_images(path: Path, images: np.ndarray) -> None:
         np.save(f, images)
 
 
-def load_images(prepared: Path, split: str) -> np.ndarray:
-    """The split's packed uint8 (N, H, W, 3) array, memory-mapped: pages are read as they are touched."""
+def load_images(prepared: Path, split: str, mode: Literal["r", "c"] = "r") -> np.ndarray:
+    """The split's packed uint8 (N, H, W, 3) array, memory-mapped: pages are read as they are touched.
+    `mode` "c": copy-on-write, writable in memory (what torch.from_numpy needs), the file never changes."""
     npy = Path(prepared) / f"{split}.npy"
     if split not in SPLITS:
         raise SstlError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
     if not npy.is_file():
         raise SstlError(f"{npy} not found: run the prepare stage first (`dvc repro prepare`)")
-    return np.load(npy, mmap_mode="r")
+    return np.load(npy, mmap_mode=mode)
 
 
-def load_split(prepared: Path, split: str) -> ImageSet:
-    """Read one split of a prepared dataset into memory (images in manifest order)."""
-    images = torch.from_numpy(np.array(load_images(prepared, split)))  # a private, writable copy
+def load_split(prepared: Path, split: str, *, lazy: bool = False) -> ImageSet:
+    """Read one split of a prepared dataset into memory (images in manifest order). `lazy`: the images stay
+    memory-mapped, and only the rows a `subset` takes are read (the student's pseudo-labelled share of a
+    pool that may not fit in memory)."""
+    packed = load_images(prepared, split, mode="c" if lazy else "r")
+    images = torch.from_numpy(packed if lazy else np.array(packed))  # eager: a private, writable copy
     rows = [r for r in read_csv(Path(prepared) / "manifest.csv") if r["split"] == split]
     labels = torch.tensor([int(r["label_index"]) for r in rows], dtype=torch.int64)
     return ImageSet(images, labels.reshape(-1), [r["path"] for r in rows])
 
 
 def load_classes(prepared: Path) -> list[str]:
-    return list(read_json(Path(prepared) / "classes.json"))
+    path = Path(prepared) / "classes.json"
+    if not path.is_file():
+        raise SstlError(f"{path} not found: run the prepare stage first (`dvc repro prepare`)")
+    return list(read_json(path))
 
 
 def load_packing(prepared: Path) -> dict[str, int | str]:

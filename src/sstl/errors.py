@@ -21,6 +21,10 @@ class SstlError(Exception):
     exit_code = 1
 
 
+class DivergedError(SstlError):
+    """Training met a non-finite loss: the message names the epoch, the batch and the lr to lower."""
+
+
 class ParamsError(SstlError):
     """params.yaml does not validate: unknown key, wrong type or value out of range."""
 

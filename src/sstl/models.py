@@ -471,6 +471,11 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[Cla
     if not Path(path).is_file():
         raise SstlError(f"model {path} not found: run the pipeline first (`sstl run`) or pass --model")
     payload = _torch_load(Path(path))
+    if not isinstance(payload, dict) or not {"model", "classes", "state_dict"} <= payload.keys():
+        raise SstlError(
+            f"{path} is not an sstl checkpoint (no model config, classes and weights): pass a model a stage "
+            "wrote, e.g. models/finetuned.pt (a plain state_dict goes to teacher.weights instead)"
+        )
     cfg = ModelConfig.model_validate({**payload["model"], "weights": "none"})
     model = create_model(cfg, len(payload["classes"]))
     try:

@@ -248,6 +248,7 @@ def skip_report(skipped: list[dict[str, str]], where: Path | str, limit: int = 5
 def prepare_folder(
     root: Path,
     out: Path,
+    *,
     image_size: int,
     val_fraction: float,
     seed: int,
@@ -339,7 +340,13 @@ def prepare_folder(
                     "sha256": e.sha256,
                 }
             )
-    sources = split_sources(root, counts, val_from_folder, corrupt_test is not None, val_fraction)
+    sources = split_sources(
+        root,
+        counts,
+        val_from_folder=val_from_folder,
+        test_add_corrupted=corrupt_test is not None,
+        val_fraction=val_fraction,
+    )
     write_csv(out / "manifest.csv", rows, MANIFEST_FIELDS)
     write_csv(out / "neardup.csv", near_rows, NEARDUP_FIELDS)
     write_json(out / "classes.json", classes)
@@ -418,7 +425,7 @@ def _check_counts(root: Path, counts: dict[str, int], note: str) -> None:
 
 
 def split_sources(
-    root: Path, counts: dict[str, int], val_from_folder: bool, test_add_corrupted: bool, val_fraction: float
+    root: Path, counts: dict[str, int], *, val_from_folder: bool, test_add_corrupted: bool, val_fraction: float
 ) -> dict[str, str]:
     """Where each split came from, for splits.json; an absent test-add is recorded as such, not as an error."""
     sources = {split: f"{split}/" for split in SPLITS}

@@ -148,6 +148,7 @@ def run_identity(
     n: int,
     cfg: SelectConfig,
     num_classes: int,
+    *,
     pool_id: str,
     rank: int,
     size: int,
@@ -202,13 +203,16 @@ def select_pool(
     images: np.ndarray | torch.Tensor,
     cfg: SelectConfig,
     num_classes: int,
+    *,
     state_dir: Path | None = None,
     pool_id: str = "",
     on_shard: Callable[[int], None] | None = None,
     runtime: Runtime = CPU,
 ) -> Selection | None:
     """The selection of `select_pool_logits` (same arguments, same resume state), without the logits."""
-    out = select_pool_logits(model, images, cfg, num_classes, state_dir, pool_id, on_shard, runtime)
+    out = select_pool_logits(
+        model, images, cfg, num_classes, state_dir=state_dir, pool_id=pool_id, on_shard=on_shard, runtime=runtime
+    )
     return None if out is None else out[0]
 
 
@@ -217,6 +221,7 @@ def select_pool_logits(
     images: np.ndarray | torch.Tensor,
     cfg: SelectConfig,
     num_classes: int,
+    *,
     state_dir: Path | None = None,
     pool_id: str = "",
     on_shard: Callable[[int], None] | None = None,
@@ -237,7 +242,9 @@ def select_pool_logits(
     n = len(images)
     acc, rows = accumulator(cfg, num_classes), Rows(num_classes)
     path = state_file(state_dir, rank, size) if state_dir is not None else None
-    identity = run_identity(model, n, cfg, num_classes, pool_id, rank, size, runtime) if path else ""
+    identity = (
+        run_identity(model, n, cfg, num_classes, pool_id=pool_id, rank=rank, size=size, runtime=runtime) if path else ""
+    )
     last = load_state(path, identity, acc, rows) if path else -1
     if last >= 0:
         tqdm.write(f"pseudolabel: rank {rank} resumes after shard {last} ({path})")

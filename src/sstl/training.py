@@ -35,7 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 from sstl.dataset import ImageSet
-from sstl.errors import SstlError
+from sstl.errors import DivergedError
 from sstl.files import atomic_path
 from sstl.inference import infer
 from sstl.models import Classifier, fit_whitening, model_digest, set_trainable, train_mode
@@ -170,7 +170,7 @@ def train_epoch(
         loss = step.loss_fn(logits, target)
         if not _all_finite(loss):
             lr = step.optimizer.param_groups[0]["lr"]
-            raise SstlError(
+            raise DivergedError(
                 f"training diverged: loss {loss.item()} at epoch {epoch}, batch {b + 1} (lr {lr:g}): lower the lr"
             )
         step.scaler.scale(loss).backward()
@@ -317,10 +317,11 @@ def fit(
                 noise = augment if unfrozen > 0 or augment_head else None
                 inputs = _phase_inputs(model, train, val, unfrozen, noise, runtime, feature_cache)
                 run.phase(phase, unfrozen=unfrozen, epochs=epochs, lr=lr, inputs=inputs, saved=here)
-        except SstlError:
-            # Divergence: the state is dropped. Re-running the same arguments would replay the same epochs
-            # into the same NaN (every RNG is restored), and the advised fix, a lower lr, changes the
-            # fingerprint, so no later run could use it: keeping it would only leave a stale file behind.
+        except DivergedError:
+            # The state is dropped (a full disk, another SstlError, keeps the last epoch's). Re-running the same
+            # arguments would replay the same epochs into the same NaN (every RNG is restored), and the advised
+            # fix, a lower lr, changes the fingerprint, so no later run could use it: keeping it would only
+            # leave a stale file behind.
             saver.drop()
             raise
     # the restored best weights, measured once more
@@ -481,7 +482,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim
             },
         ]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=True)
+        # torch refuses Nesterov without momentum: momentum 0 is plain SGD
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
     return torch.optim.Adam(groups, lr=lr)
 
 

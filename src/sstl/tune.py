@@ -15,13 +15,15 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
-from skopt import Optimizer
-from skopt.space import Categorical, Dimension, Integer, Real
 
+from sstl.errors import SstlError
 from sstl.files import write_json
+
+if TYPE_CHECKING:
+    from skopt.space import Dimension
 
 
 class SpaceEntry(BaseModel):
@@ -44,6 +46,9 @@ class SpaceEntry(BaseModel):
         return self
 
     def dimension(self, name: str) -> Dimension:
+        from skopt.space import Categorical, Integer, Real  # here, not at the top: scikit-learn's import
+        #   (about 1.3 s) would be paid by every stage that validates params, and only tune searches
+
         if self.values is not None:
             return Categorical(self.values, name=name)
         assert self.low is not None and self.high is not None
@@ -60,10 +65,10 @@ def _plain(value: Any) -> Any:
 def search(
     space: dict[str, SpaceEntry],
     objective: Callable[[int, dict[str, Any]], dict[str, float]],
+    *,
     n_random: int,
     n_guided: int,
     seed: int,
-    *,
     state: Path | None = None,
     fingerprint: str = "",
 ) -> list[dict[str, Any]]:
@@ -74,6 +79,8 @@ def search(
     data) and replayed by a restarted search with the same fingerprint. The file is kept when the
     search ends: a kill while the caller writes its outputs must not cost the whole search.
     """
+    from skopt import Optimizer
+
     names = list(space)
     opt = Optimizer(
         [space[n].dimension(n) for n in names],
@@ -129,6 +136,9 @@ def _finished_trials(state: Path | None, fingerprint: str, total: int) -> list[d
 
 
 def best_params(trials: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
-    """The params of the trial with the lowest val_loss (the first one on ties)."""
-    winner = min(trials, key=lambda t: t["val_loss"] if math.isfinite(t["val_loss"]) else math.inf)
+    """The params of the trial with the lowest val_loss (the first one on ties); diverged trials never win."""
+    finite = [t for t in trials if math.isfinite(t["val_loss"])]
+    if not finite:
+        raise SstlError(f"all {len(trials)} tune trials diverged: lower tune.space.lr's high end (or teacher.lr)")
+    winner = min(finite, key=lambda t: t["val_loss"])
     return {n: winner[n] for n in names}

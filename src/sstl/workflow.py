@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import torch
 
 from sstl import tracking
 from sstl.dataset import ImageSet, load_images
-from sstl.errors import SstlError
+from sstl.errors import DivergedError, SstlError
 from sstl.files import check_writable, write_csv
 from sstl.inference import Tta, infer
 from sstl.metrics import classification_report
@@ -166,22 +167,27 @@ def tune_teacher(
         _drop_trial_states(state_dir, before=trial)  # earlier trials are in trials.json by now
         with tracking.trial_run(trial, overrides):
             model = build_model(cfg.model(), num_classes, seed)
-            result = fit(
-                model,
-                labeled,
-                val,
-                schedule,
-                num_classes=num_classes,
-                seed=seed,
-                runtime=runtime,
-                augment=None if cfg.augment is None else augmenter(cfg.augment, int(labeled.images.shape[1]), seed),
-                augment_head=cfg.augment is None or cfg.augment.head_phase,
-                on_epoch=tracking.log_epoch,
-                desc=f"trial {trial}",
-                feature_cache=feature_cache,
-                state=None if state_dir is None else state_dir / f"trial-{trial:02d}.pt",
-                keep_state=True,  # until search has recorded the trial: see _drop_trial_states
-            )
+            try:
+                result = fit(
+                    model,
+                    labeled,
+                    val,
+                    schedule,
+                    num_classes=num_classes,
+                    seed=seed,
+                    runtime=runtime,
+                    augment=None if cfg.augment is None else augmenter(cfg.augment, int(labeled.images.shape[1]), seed),
+                    augment_head=cfg.augment is None or cfg.augment.head_phase,
+                    on_epoch=tracking.log_epoch,
+                    desc=f"trial {trial}",
+                    feature_cache=feature_cache,
+                    state=None if state_dir is None else state_dir / f"trial-{trial:02d}.pt",
+                    keep_state=True,  # until search has recorded the trial: see _drop_trial_states
+                )
+            except DivergedError as err:  # a bad point of the space, not a failed search: score it, go on
+                print(f"tune: trial {trial} {err}: scored as the worst, the search goes on")
+                tracking.set_tags({"diverged": str(err)})
+                return {"val_loss": math.nan, "val_acc": 0.0}
             for row in result.history[: result.resumed_from_epoch]:
                 tracking.log_epoch(row)
             figures = {"val_loss": result.best_val_loss, "val_acc": result.best_val_acc}
@@ -202,9 +208,9 @@ def tune_teacher(
     found = search(
         space,
         objective,
-        trials[0],
-        trials[1],
-        seed,
+        n_random=trials[0],
+        n_guided=trials[1],
+        seed=seed,
         state=None if state_dir is None else state_dir / "trials.json",
         fingerprint=fingerprint,
     )
@@ -263,6 +269,7 @@ def pseudolabel(
     prepared: Path,
     cfg: SelectConfig,
     classes: list[str],
+    *,
     state_dir: Path | None = None,
     on_shard: Callable[[int], None] | None = None,
     runtime: Runtime = CPU,
@@ -277,7 +284,14 @@ def pseudolabel(
     images = load_images(prepared, "unlabeled")
     manifest = Path(prepared) / "manifest.csv"
     selected = select_pool_logits(
-        model, images, cfg, len(classes), state_dir, file_digest(manifest), on_shard, runtime=runtime
+        model,
+        images,
+        cfg,
+        len(classes),
+        state_dir=state_dir,
+        pool_id=file_digest(manifest),
+        on_shard=on_shard,
+        runtime=runtime,
     )
     if selected is None:
         return None
