@@ -34,6 +34,19 @@ from sstl.tracking import flatten  # noqa: E402
 OUT_JSON = ROOT / "reports/benchmarks/cifar10.json"
 OUT_MD = ROOT / "reports/benchmarks/cifar10.md"
 STAGES = ("prepare", "pretrain", "tune", "teacher", "pseudolabel", "student", "finetune", "evaluate")
+ROUND_STAGES = ("pseudolabel", "student")  # one of each per round: pseudolabel, student, pseudolabel@1, student@1, ...
+
+
+def stage_order(stage: str) -> tuple[int, int, int]:
+    """The pipeline's order, rounds included (MLflow names round r's stages `<stage>@r`, r >= 1)."""
+    base, _, r = stage.partition("@")
+    i = STAGES.index(base) if base in STAGES else len(STAGES)
+    return (STAGES.index(ROUND_STAGES[0]), int(r or 0), i) if base in ROUND_STAGES else (i, 0, 0)
+
+
+def round_students(profile: dict) -> list[str]:
+    """The students of the profile's `rounds` (params.yaml's default: one round, `student`)."""
+    return [r["student"] for r in profile.get("rounds", [{"student": "student"}])]
 
 
 REPLACE = ("tune.space",)  # sections the profile replaces instead of merging into
@@ -81,7 +94,7 @@ def overrides(raw: dict, folder: Path) -> list[str]:
     return out + [f"data.folder={folder}"]
 
 
-def collect(pipeline: str, labels: int, wall: float) -> list[dict]:
+def collect(pipeline: str, labels: int, wall: float, students: list[str]) -> list[dict]:
     import mlflow
 
     runs = mlflow.search_runs(
@@ -100,8 +113,9 @@ def collect(pipeline: str, labels: int, wall: float) -> list[dict]:
         "stages": stages,
         "pseudolabel_images_per_second": by_stage.get("pseudolabel", {}).get("infer_images_per_second"),
     }
+    rounds = [(name, "student" if r == 0 else f"student@{r}") for r, name in enumerate(students)]
     records = []
-    for model, stage in (("teacher", "teacher"), ("student", "student"), ("finetuned", "finetune")):
+    for model, stage in (("teacher", "teacher"), *rounds, ("finetuned", "finetune")):
         records.append(
             base
             | {
@@ -146,7 +160,7 @@ def render(records: list[dict]) -> str:
         st = next(r for r in records if r["labels"] == labels)["stages"]
         lines.append(
             f"- {labels} labels: "
-            + ", ".join(f"{s} {st[s]['seconds']} s / {st[s]['peak_rss_mb']} MB" for s in STAGES if s in st)
+            + ", ".join(f"{s} {st[s]['seconds']} s / {st[s]['peak_rss_mb']} MB" for s in sorted(st, key=stage_order))
         )
     notes = ROOT / "benchmarks/cifar10-tried.md"  # the log of what was tried, kept by hand
     return "\n".join(lines) + "\n" + ("\n" + notes.read_text() if notes.is_file() else "")
@@ -164,9 +178,10 @@ def main() -> None:
     if args.render:
         write_text(OUT_MD, render(json.loads(OUT_JSON.read_text())))
         return
+    profile = load_profile(args.profile, n * 10)
     if args.collect:
         os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{ROOT / 'mlflow.db'}")
-        save(collect(args.collect, n * 10, args.wall), n * 10)
+        save(collect(args.collect, n * 10, args.wall, round_students(profile)), n * 10)
         return
     unpack(SHARED, CACHE)
     folder = CACHE.parent / f"cifar10-{n}"
@@ -179,7 +194,8 @@ def main() -> None:
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
     os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
-    sets = [a for o in overrides(load_profile(args.profile, n * 10), folder) for a in ("-S", o)]
+    students = round_students(profile)
+    sets = [a for o in overrides(profile, folder) for a in ("-S", o)]
     start = time.perf_counter()
     subprocess.run(
         [sys.executable, "-m", "dvc", "exp", "run", "--temp", "--name", f"cifar10-{n * 10}", *sets],
@@ -189,14 +205,15 @@ def main() -> None:
     )
     wall = time.perf_counter() - start
 
-    save(collect(pipeline, n * 10, wall), n * 10)
+    save(collect(pipeline, n * 10, wall, students), n * 10)
 
 
 def save(new: list[dict], labels: int) -> None:
     """Replace this labels setting's records in the JSON table, re-render the markdown."""
     old = json.loads(OUT_JSON.read_text()) if OUT_JSON.is_file() else []
     records = [r for r in old if r["labels"] != labels] + new
-    records.sort(key=lambda r: (-r["labels"], r["model"]))
+    order = {"teacher": (0, ""), "finetuned": (2, "")}  # teacher, each round's student by name, fine-tuned
+    records.sort(key=lambda r: (-r["labels"], order.get(r["model"], (1, r["model"]))))
     write_json(OUT_JSON, records)
     write_text(OUT_MD, render(records))
     print(OUT_MD.read_text())

@@ -43,13 +43,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from stamp import stamp  # noqa: E402
 
 OUT = ROOT / "reports/benchmarks"
-STAGES = ("pretrain", "tune", "teacher", "pseudolabel", "student", "finetune")
+STAGES = ("pretrain", "tune", "teacher", "pseudolabel@0", "student@0", "finetune")  # @0: the first round
 STATE = {  # where each stage saves its progress (relative to the project)
     "pretrain": ".sstl-state/train/pretrain.pt",
     "tune": ".sstl-state/tune",
     "teacher": ".sstl-state/train/teacher.pt",
-    "pseudolabel": ".sstl-state/pseudolabel",
-    "student": ".sstl-state/train/student.pt",
+    "pseudolabel@0": ".sstl-state/pseudolabel/teacher",
+    "student@0": ".sstl-state/train/student.pt",
     "finetune": ".sstl-state/train/finetune.pt",
 }
 FAST = {  # params.yaml overrides: a few epochs per stage, several state saves each
@@ -146,7 +146,7 @@ def repro(project: Path, *args: str, kill: str | None = None, delay: float = 0.0
         for line in proc.stdout:
             now = time.time()
             run.lines.append((now, line.rstrip()))
-            found = re.search(r"Running stage '([\w-]+)'", line)
+            found = re.search(r"Running stage '([\w@-]+)'", line)
             if found:
                 run.starts[found.group(1)] = now
                 if found.group(1) == kill:

@@ -1,6 +1,6 @@
-"""Stage evaluate: teacher, student and fine-tuned student on test and test-add, and on val for the
-health checks (collapse, a model below its predecessor) and the choice of the model to use. The
-fine-tuned student is published to the MLflow registry (`mlflow.model_name`, sstl.registry).
+"""Stage evaluate: teacher, every round's student and the fine-tuned student on test and test-add, and
+on val for the health checks (collapse, a model below its predecessor) and the choice of the model to
+use. The fine-tuned student is published to the MLflow registry (`mlflow.model_name`, sstl.registry).
 
 `evaluate.tta` averages each model's logits over flipped (and shifted) views (sstl.inference)."""
 
@@ -20,7 +20,6 @@ from sstl.report import summary_markdown
 from sstl.workflow import evaluate_model
 
 PREPARED = Path("data/prepared")
-MODELS = {name: Path(f"models/{name}.pt") for name in ("teacher", "student", "finetuned")}
 SPLITS = ("val", "test", "test-add")  # val: checks and choice only, never in the metrics
 METRICS, PER_CLASS, HEALTH = Path("reports/metrics.json"), Path("reports/per_class.json"), Path("reports/health.json")
 CONFUSION, SUMMARY, CARD = Path("reports/confusion"), Path("reports/summary.md"), Path("reports/model_card.md")
@@ -29,6 +28,7 @@ CONFUSION, SUMMARY, CARD = Path("reports/confusion"), Path("reports/summary.md")
 @stage_main
 def main() -> None:
     p = load_params()
+    models = {name: Path(f"models/{name}.pt") for name in ("teacher", *p.students(), "finetuned")}  # pipeline order
     runtime = p.runtime("infer")
     classes = load_classes(PREPARED)
     data = {split: load_split(PREPARED, split) for split in SPLITS}
@@ -37,7 +37,7 @@ def main() -> None:
     with tracking.stage_run(
         "evaluate", p.mlflow.experiment, {**runtime.describe(), "evaluate": p.evaluate.model_dump()}
     ):
-        for name, path in MODELS.items():
+        for name, path in models.items():
             model, payload = load_checkpoint(path, runtime.device)
             checkpoints[name] = {k: v for k, v in payload.items() if k != "state_dict"}
             for split, d in data.items():
@@ -59,10 +59,10 @@ def main() -> None:
                 write_csv(CONFUSION / f"{name}-{split}.csv", rows)
                 confusion.setdefault(name, {})[split] = rows
                 reliability.setdefault(name, {})[split] = r["reliability"]
-        warnings = health.check_models(val_acc, collapses)
+        warnings = health.check_models(val_acc, collapses, order=list(models))
         verdict = {
             "val_accuracy": val_acc,
-            "use": health.recommend(val_acc),
+            "use": health.recommend(val_acc, order=list(models)),
             "warnings": warnings,
             "absent_splits": absent,
         }
@@ -86,7 +86,7 @@ def main() -> None:
         tracking.log_artifacts(METRICS, PER_CLASS, HEALTH, SUMMARY, CONFUSION, CARD)
         if p.mlflow.model_name and "test" in metrics["finetuned"]:
             decision = registry.publish(
-                MODELS["finetuned"],
+                models["finetuned"],
                 name=p.mlflow.model_name,
                 metrics=metrics["finetuned"],
                 tta=p.evaluate.tta,

@@ -1,4 +1,4 @@
-"""Stage finetune: the student fine-tuned on the clean labelled set at a small learning rate.
+"""Stage finetune: the last round's student fine-tuned on the clean labelled set at a small learning rate.
 
 Under torchrun every process trains on its share of each batch (DDP); rank 0 writes and logs.
 """
@@ -16,7 +16,6 @@ from sstl.runtime import distributed
 from sstl.workflow import Job, train_and_save
 
 PREPARED = Path("data/prepared")
-STUDENT = Path("models/student.pt")
 MODEL = Path("models/finetuned.pt")
 CURVE = Path("reports/curves/finetuned.csv")
 
@@ -25,7 +24,8 @@ CURVE = Path("reports/curves/finetuned.csv")
 def main() -> None:
     p = load_params()
     runtime = p.runtime("train")
-    model, meta = load_checkpoint(STUDENT)
+    student = Path(f"models/{p.students()[-1]}.pt")
+    model, meta = load_checkpoint(student)
     labeled, val = load_split(PREPARED, "labeled"), load_split(PREPARED, "val")
     classes = load_classes(PREPARED)
     run_params = {"seed": p.seed, **runtime.describe(), "finetune": p.finetune.model_dump()}
@@ -37,7 +37,7 @@ def main() -> None:
             MODEL,
             CURVE,
             packing=load_packing(PREPARED),
-            config={"finetune": p.finetune.model_dump(), "from": str(STUDENT), "seed": p.seed},
+            config={"finetune": p.finetune.model_dump(), "from": str(student), "seed": p.seed},
         )
         result = train_and_save(
             job,

@@ -1,13 +1,17 @@
-"""Stage pseudolabel: the teacher scores the unlabelled pool; keep the confident (threshold) or top-K.
+"""Stage pseudolabel@<round>: a round's teacher scores the unlabelled pool; keep the confident
+(threshold) or top-K. `python stages/pseudolabel.py [TEACHER]`: models/<TEACHER>.pt, a teacher of
+params.yaml's `rounds` (default: teacher, the first round's).
 
-Writes the selected rows (pseudolabels.csv: hard labels) and, row for row, the teacher's distribution
-softmax(logits / temperature) of each row's image (pseudoprobs.npy, float32 (rows, classes): soft labels).
+Writes the selected rows (data/pseudolabels/<TEACHER>.csv: hard labels) and, row for row, the
+teacher's distribution softmax(logits / temperature) of each row's image (<TEACHER>.npy, float32
+(rows, classes): soft labels).
 
-The pool is streamed shard by shard and the running selection saved to STATE after each shard, so
-a killed run resumes where it stopped. Several processes: `torchrun --standalone --nproc_per_node N
+The pool is streamed shard by shard and the running selection saved after each shard, so a killed
+run resumes where it stopped. Several processes: `torchrun --standalone --nproc_per_node N
 stages/pseudolabel.py` (rank 0 writes the outputs and logs to MLflow); see README.
 """
 
+import sys
 import time
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -22,36 +26,32 @@ from sstl.errors import stage_main
 from sstl.files import atomic_path, write_csv, write_json
 from sstl.models import load_checkpoint
 from sstl.params import load_params
-from sstl.pseudolabel import clear_state
+from sstl.pseudolabel import clear_state, pseudo_files
 from sstl.runtime import distributed
 from sstl.workflow import pseudolabel
 
 PREPARED = Path("data/prepared")
-TEACHER = Path("models/teacher.pt")
-OUT = Path("data/pseudolabels.csv")
-PROBS = Path("data/pseudoprobs.npy")  # row i: the soft label of OUT's row i
-COUNTS = Path("reports/pseudolabel/counts.csv")
-METRICS = Path("reports/pseudolabel/summary.json")
-STATE = Path(".sstl-state/pseudolabel")  # resume state: git-ignored, not a DVC output, removed on success
 
 
 @stage_main
 def main() -> None:
     p = load_params()
+    i, rnd = p.round_of(teacher=sys.argv[1] if len(sys.argv) > 1 else "teacher")
+    out = pseudo_files(rnd.teacher)
     runtime = p.runtime("infer")
-    model, _ = load_checkpoint(TEACHER, runtime.device)
+    model, _ = load_checkpoint(Path(f"models/{rnd.teacher}.pt"), runtime.device)
     classes = load_classes(PREPARED)
     with distributed(runtime) as (rank, _):
         run: AbstractContextManager[Any] = nullcontext()
         if rank == 0:  # one MLflow run, one writer
             run = tracking.stage_run(
-                "pseudolabel",
+                "pseudolabel" if i == 0 else f"pseudolabel@{i}",
                 p.mlflow.experiment,
-                {**runtime.describe(), "pseudolabel": p.pseudolabel.model_dump()},
+                {**runtime.describe(), "teacher": rnd.teacher, "pseudolabel": p.pseudolabel.model_dump()},
             )
         with run:
             start = time.perf_counter()
-            selected = pseudolabel(model, PREPARED, p.pseudolabel, classes, state_dir=STATE, runtime=runtime)
+            selected = pseudolabel(model, PREPARED, p.pseudolabel, classes, state_dir=out.state, runtime=runtime)
             seconds = time.perf_counter() - start
             if selected is None:  # a rank > 0: its shards are merged into rank 0's selection
                 return
@@ -59,15 +59,15 @@ def main() -> None:
             scores = [r["score"] for r in rows]
             n_pool = len(load_images(PREPARED, "unlabeled"))
             summary = {"n_pool": n_pool, "n_selected": len(rows), "mean_score": sum(scores) / max(len(scores), 1)}
-            write_csv(OUT, rows, ("index", "path", "label", "label_index", "score"))
-            with atomic_path(PROBS) as tmp, tmp.open("wb") as f:
+            write_csv(out.labels, rows, ("index", "path", "label", "label_index", "score"))
+            with atomic_path(out.probs) as tmp, tmp.open("wb") as f:
                 np.save(f, probs.numpy().astype(np.float32))
-            write_csv(COUNTS, counts, ("class", "count"))
-            write_json(METRICS, summary)
+            write_csv(out.counts, counts, ("class", "count"))
+            write_json(out.summary, summary)
             tracking.log_metrics(summary | {"infer_images_per_second": n_pool / seconds})  # timing: MLflow only
-            tracking.log_artifacts(COUNTS)
-    clear_state(STATE)
-    print(f"pseudolabel: {summary}")
+            tracking.log_artifacts(out.counts)
+    clear_state(out.state)
+    print(f"pseudolabel ({rnd.teacher}): {summary}")
 
 
 if __name__ == "__main__":

@@ -71,6 +71,22 @@ def test_a_new_import_is_drift_and_sstl_deps_fixes_it_keeping_comments(tmp_path:
     assert write_deps(tmp_path / "dvc.yaml") == []  # idempotent
 
 
+def test_a_foreach_stage_is_checked_and_fixed_in_its_do_template(tmp_path: Path) -> None:
+    for item in ("stages", "src"):
+        shutil.copytree(ROOT / item, tmp_path / item, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    assert "foreach" in yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]["student"]  # rounds
+    (tmp_path / "src/sstl/extra.py").write_text("Y = 2\n")
+    student = tmp_path / "stages/student.py"
+    student.write_text(student.read_text() + "\nfrom sstl.extra import Y  # noqa: E402\n")
+    assert drift(tmp_path / "dvc.yaml") == {"student": (["src/sstl/extra.py"], [])}
+    assert write_deps(tmp_path / "dvc.yaml") == ["student"]
+    stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
+    assert "src/sstl/extra.py" in stages["student"]["do"]["deps"]
+    assert "models/${item.student}.pt" in stages["student"]["do"]["outs"]  # the rest of the template kept
+    assert drift(tmp_path / "dvc.yaml") == {}
+
+
 def test_sstl_deps_adds_code_deps_to_a_stage_that_lists_none_and_reads_commented_headers(tmp_path: Path) -> None:
     _package(
         tmp_path,

@@ -37,6 +37,14 @@ def test_the_model_to_use_is_chosen_on_val_later_model_on_ties() -> None:
     assert recommend({"teacher": 0.8, "student": 0.9, "finetuned": 0.9}) == "finetuned"
 
 
+def test_with_rounds_each_student_is_checked_against_the_one_before_it() -> None:
+    order = ["teacher", "student", "student2", "finetuned"]
+    val = {"teacher": 0.70, "student": 0.80, "student2": 0.78, "finetuned": 0.81}
+    assert check_models(val, {}, order=order) == ["student2 below student on val: 0.7800 < 0.8000"]
+    assert recommend({**val, "student2": 0.81}, order=order) == "finetuned"  # tie: the later model
+    assert recommend({**val, "student2": 0.82}, order=order) == "student2"
+
+
 def test_summary_names_the_model_to_use_warnings_and_absent_splits() -> None:
     metrics = {"teacher": {"test": {"accuracy": 0.5, "macro_f1": 0.5, "ece": 0.1}}}
     verdict = {"val_accuracy": {"teacher": 0.6}, "use": "teacher", "warnings": ["w1"], "absent_splits": ["test-add"]}

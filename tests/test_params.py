@@ -274,3 +274,31 @@ def test_photo_profile_merges_and_validates(repo_raw: dict[str, Any]) -> None:
     assert merged["seed"] == repo_raw["seed"], "what the profile leaves alone is kept"
     with pytest.raises(SstlError, match="unknown profile 'fotos': choose one of photos"):
         apply_profile(repo_raw, "fotos")
+
+
+TWO_ROUNDS = [{"teacher": "teacher", "student": "student"}, {"teacher": "student", "student": "student2"}]
+
+
+def test_rounds_default_to_one_and_chain_teacher_to_student(repo_raw: dict[str, Any]) -> None:
+    assert parse_params(repo_raw).students() == ["student"]
+    p = parse_params(with_change(repo_raw, "rounds", TWO_ROUNDS))
+    assert p.students() == ["student", "student2"]
+    assert p.round_of(teacher="student") == (1, p.rounds[1]) == p.round_of(student="student2")
+    with pytest.raises(ParamsError, match="no round with teacher=student2"):
+        p.round_of(teacher="student2")
+
+
+@pytest.mark.parametrize(
+    ("rounds", "named"),
+    [
+        ([], "rounds: needs at least one round"),
+        ([{"teacher": "student", "student": "x"}], "round 1's teacher is 'student': it must be the model before it"),
+        ([TWO_ROUNDS[0], {"teacher": "teacher", "student": "s2"}], "round 2's teacher is 'teacher'"),
+        ([TWO_ROUNDS[0], {"teacher": "student", "student": "student"}], "round 2's student 'student' is taken"),
+        ([{"teacher": "teacher", "student": "finetuned"}], "round 1's student 'finetuned' is taken"),
+        ([{"teacher": "teacher", "student": "student-2"}], "rounds.0.student: String should match pattern"),
+        ([{"teacher": "teacher"}], "rounds.0.student: Field required"),
+    ],
+)
+def test_a_broken_round_chain_is_one_line_naming_rounds(repo_raw: dict[str, Any], rounds: list, named: str) -> None:
+    assert named in error_of(with_change(repo_raw, "rounds", rounds))

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -64,7 +65,7 @@ def dvc(cwd: Path, *args: str) -> str:
 
 
 def ran_stages(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([\w-]+)'", output))
+    return set(re.findall(r"Running stage '([\w@-]+)'", output))
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +93,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "pretrain",
         "tune",
         "teacher",
-        "pseudolabel",
-        "student",
+        "pseudolabel@0",  # one round (params `rounds`), expanded by DVC's foreach
+        "student@0",
         "finetune",
         "evaluate",
     }
@@ -136,7 +137,7 @@ def test_student_param_change_reruns_only_downstream(project: Path) -> None:
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["student"]["dropout"] = 0.3
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert ran_stages(dvc(project, "repro")) == {"student", "finetune", "evaluate"}
+    assert ran_stages(dvc(project, "repro")) == {"student@0", "finetune", "evaluate"}
     sh(project, "git", "add", "-A")
     sh(project, "git", "commit", "-qm", "student dropout 0.3")
 
@@ -315,10 +316,10 @@ def test_push_clone_pull_is_clean_and_repro_is_deterministic(project: Path, tmp_
 
 def test_bf16_experiments_rerun_the_stages_of_their_precision(project: Path) -> None:
     ran = ran_stages(dvc(project, "exp", "run", "-S", "precision.infer=bf16", "--name", "bf16-infer"))
-    assert {"pseudolabel", "evaluate"} <= ran  # and student, finetune if a pseudo-label changed
+    assert {"pseudolabel@0", "evaluate"} <= ran  # and student, finetune if a pseudo-label changed
     assert not {"demo", "prepare", "pretrain", "tune", "teacher"} & ran
     ran = ran_stages(dvc(project, "exp", "run", "-S", "precision.train=bf16", "--name", "bf16"))
-    assert {"pretrain", "tune", "teacher", "pseudolabel", "student", "finetune", "evaluate"} <= ran
+    assert {"pretrain", "tune", "teacher", "pseudolabel@0", "student@0", "finetune", "evaluate"} <= ran
     assert not {"demo", "prepare"} & ran
     for name in MODELS:
         meta = torch.load(project / f"models/{name}.pt", map_location="cpu", weights_only=True)
@@ -366,3 +367,27 @@ def test_every_evaluate_registers_a_version_and_the_champion_is_the_best_on_test
     promoted = [str(v.version) for v in versions if v.tags["champion"] == "promoted"]
     assert str(champion.version) == max(promoted, key=int)  # the alias is the last winner ...
     assert test[str(champion.version)] == max(test[v] for v in promoted)  # ... and each win raised test
+
+
+def test_a_second_round_runs_only_its_own_stages_and_every_round_is_evaluated(project: Path) -> None:
+    rounds = "rounds=[{teacher:teacher,student:student},{teacher:student,student:student2}]"
+    ran = ran_stages(dvc(project, "exp", "run", "-S", rounds, "--name", "two-rounds"))
+    assert ran == {"pseudolabel@1", "student@1", "finetune", "evaluate"}  # round 1 comes from the cache
+    order = ["teacher", "student", "student2", "finetuned"]
+    assert list(json.loads((project / "reports/metrics.json").read_text())) == order
+    assert list(json.loads((project / "reports/health.json").read_text())["val_accuracy"]) == order
+    rows = (project / "data/pseudolabels/student.csv").read_text().splitlines()[1:]
+    probs = np.load(project / "data/pseudolabels/student.npy")
+    assert probs.shape == (len(rows), 10) and np.allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert rows != (project / "data/pseudolabels/teacher.csv").read_text().splitlines()[1:]  # the student's own
+    second = torch.load(project / "models/student2.pt", map_location="cpu", weights_only=True)
+    assert second["config"]["teacher"] == "student"
+    finetuned = torch.load(project / "models/finetuned.pt", map_location="cpu", weights_only=True)
+    assert finetuned["config"]["from"] == "models/student2.pt"
+    assert "| student2 |" in (project / "reports/summary.md").read_text()
+    assert "up to date" in dvc(project, "status")
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(experiment_names=["sstl"], output_format="list")
+    named = {r.data.tags.get("sstl.stage"): r for r in runs if r.data.tags.get("dvc_experiment") == "two-rounds"}
+    assert {"pseudolabel@1", "student@1", "finetune", "evaluate"} <= set(named)
+    assert named["pseudolabel@1"].data.params["teacher"] == "student"

@@ -18,12 +18,14 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
+from conftest import ROOT
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from sstl import tracking
 from sstl.cli import app
-from sstl.errors import SstlError
+from sstl.errors import SstlError, stage_outputs
 from sstl.files import check_writable, write_text
 
 
@@ -125,6 +127,19 @@ def test_an_unwritable_output_folder_fails_before_any_work(tmp_path: Path) -> No
             check_writable(tmp_path / "models/teacher.pt")
     finally:
         _umount(tmp_path / "models")
+
+
+def test_the_outputs_checked_before_a_round_stage_are_that_rounds(tmp_path: Path) -> None:
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    rounds = [{"teacher": "teacher", "student": "student"}, {"teacher": "student", "student": "student2"}]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"rounds": rounds}))
+    assert stage_outputs("student@1", tmp_path / "dvc.yaml") == [
+        Path("models/student2.pt"),
+        Path("reports/curves/student2.csv"),
+    ]
+    assert Path("data/pseudolabels/student.npy") in stage_outputs("pseudolabel@1", tmp_path / "dvc.yaml")
+    assert stage_outputs("student@2", tmp_path / "dvc.yaml") == []  # no such round: nothing to check
+    assert Path("models/finetuned.pt") in stage_outputs("finetune", tmp_path / "dvc.yaml")
 
 
 def test_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path: Path) -> None:

@@ -16,7 +16,9 @@ from conftest import ROOT
 from typer.testing import CliRunner
 
 from sstl.cli import app
-from sstl.review import MODELS, SPLITS, stale_stages
+from sstl.review import SPLITS, stale_stages
+
+MODELS = ("teacher", "student", "finetuned")  # one round: the pipeline's order
 
 BIN = Path(sys.executable).parent
 OLD_LR, NEW_LR, EXP_LR = 0.001, 0.003, 0.01
@@ -64,7 +66,7 @@ def _curves(repo: Path, shift: float) -> None:
     conv = [f"{t},{1.0 / (t + 1) + shift:.4f},{1.0 / (t + 1) + shift:.4f}" for t in range(5)]
     _write(repo, "reports/tune/convergence.csv", "trial,val_loss,best_so_far\n" + "\n".join(conv) + "\n")
     counts = [f"{c},{10 + int(shift * 100) * k}" for k, c in enumerate(("one", "two", "zero"))]
-    _write(repo, "reports/pseudolabel/counts.csv", "class,count\n" + "\n".join(counts) + "\n")
+    _write(repo, "reports/pseudolabel/teacher/counts.csv", "class,count\n" + "\n".join(counts) + "\n")
     pairs = ["one,one", "one,two", "two,two", "zero,zero"] + (["two,zero"] if shift else [])
     for name in ("teacher-test", "finetuned-test"):
         _write(repo, f"reports/confusion/{name}.csv", "actual,predicted\n" + "\n".join(pairs) + "\n")

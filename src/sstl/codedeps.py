@@ -69,11 +69,16 @@ def _local_imports(source: Path, local: dict[str, Path]) -> set[str]:
     return {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names if a.name in local}
 
 
+def _stages(dvc_yaml: Path) -> dict[str, dict]:
+    """Stage name -> its definition; a `foreach` group's is its `do` template (one per group)."""
+    stages = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8"))["stages"]
+    return {name: stage.get("do", stage) for name, stage in stages.items()}
+
+
 def stage_scripts(dvc_yaml: Path) -> dict[str, Path]:
     """Stage name -> the `stages/*.py` script its cmd runs (stages with another cmd are left out)."""
-    stages = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8"))["stages"]
     out = {}
-    for name, stage in stages.items():
+    for name, stage in _stages(dvc_yaml).items():
         words = str(stage.get("cmd", "")).split()
         scripts = [w for w in words if w.startswith("stages/") and w.endswith(".py")]
         if scripts:
@@ -85,7 +90,7 @@ def drift(dvc_yaml: Path) -> dict[str, tuple[list[str], list[str]]]:
     """Stage -> (code deps missing from dvc.yaml, listed code deps the stage does not run); only
     stages that differ. Code deps are the listed `.py` files and folders under stages/ and src/."""
     root = dvc_yaml.parent
-    stages = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8"))["stages"]
+    stages = _stages(dvc_yaml)
     out = {}
     for name, script in stage_scripts(dvc_yaml).items():
         wanted = set(code_deps(script, root))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -62,10 +63,30 @@ def stage_main(fn: Callable[[], T]) -> Callable[[], T]:
 
 
 def stage_outputs(stage: str, dvc_yaml: Path = Path("dvc.yaml")) -> list[Path]:
-    """Files a DVC stage writes (`outs`, `metrics`, `plots` in dvc.yaml); folders as a file inside them."""
+    """Files a DVC stage writes (`outs`, `metrics`, `plots` in dvc.yaml); folders as a file inside them.
+    A `foreach` stage (`student@1`) is its `do` template with `${item.<key>}` of that iteration, read from
+    params.yaml (e.g. `foreach: ${rounds}`); paths left with other `${...}` are skipped."""
     if not stage or not dvc_yaml.is_file():
         return []
-    spec = (yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}).get("stages", {}).get(stage, {})
+    group, _, key = stage.partition("@")
+    spec = (yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}).get("stages", {}).get(group, {})
+    item: dict = {}
+    if key and "foreach" in spec:
+        item = _foreach_item(str(spec["foreach"]), key, dvc_yaml.parent / "params.yaml")
+        spec = spec.get("do", {})
     entries = [e for key in ("outs", "metrics", "plots") for e in spec.get(key, [])]
-    paths = [Path(next(iter(e)) if isinstance(e, dict) else str(e)) for e in entries]
+    names = [next(iter(e)) if isinstance(e, dict) else str(e) for e in entries]
+    paths = [Path(re.sub(r"\$\{item\.(\w+)\}", lambda m: str(item.get(m[1], m[0])), n)) for n in names]
     return [p if p.suffix else p / "_" for p in paths if "${" not in str(p)]
+
+
+def _foreach_item(foreach: str, key: str, params: Path) -> dict:
+    """Iteration `key` of a `foreach: ${<params key>}` over a list (key: the index) or a mapping; {} if unknown."""
+    found = re.fullmatch(r"\$\{(\w+)\}", foreach.strip())
+    data = yaml.safe_load(params.read_text(encoding="utf-8")) if found and params.is_file() else None
+    values = data.get(found[1]) if isinstance(data, dict) and found else None
+    if isinstance(values, list) and key.isdigit() and int(key) < len(values):
+        values = values[int(key)]
+    elif isinstance(values, dict):
+        values = values.get(key)
+    return values if isinstance(values, dict) else {}

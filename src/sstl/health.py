@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 COLLAPSE_SHARE = 0.9  # one class taking >= 90% of val predictions, where the truth is far more even
-ORDER = ("teacher", "student", "finetuned")  # each should be at least as good on val as the one before
+ORDER = ("teacher", "student", "finetuned")  # one round; each model should do at least as well on val as the one before
 
 
 def collapse(predictions: Sequence[int], labels: torch.Tensor, classes: Sequence[str]) -> str | None:
@@ -34,21 +34,24 @@ def at_chance(accuracy: float, num_classes: int, *, margin: float = 0.05) -> str
     return None
 
 
-def check_models(val_accuracy: Mapping[str, float], collapses: Mapping[str, str | None]) -> list[str]:
-    """Warnings over the pipeline's models: collapses, and a model below the one it was built from."""
+def check_models(
+    val_accuracy: Mapping[str, float], collapses: Mapping[str, str | None], *, order: Sequence[str] = ORDER
+) -> list[str]:
+    """Warnings over the pipeline's models: collapses, and a model below the one it was built from
+    (`order`: the pipeline's, e.g. teacher, each round's student, finetuned)."""
     warnings = [f"{name}: {msg}" for name, msg in collapses.items() if msg]
-    present = [m for m in ORDER if m in val_accuracy]
+    present = [m for m in order if m in val_accuracy]
     for before, after in zip(present, present[1:], strict=False):
         if val_accuracy[after] < val_accuracy[before]:
             warnings.append(f"{after} below {before} on val: {val_accuracy[after]:.4f} < {val_accuracy[before]:.4f}")
     return warnings
 
 
-def recommend(val_accuracy: Mapping[str, float]) -> str:
-    """The model to use: highest val accuracy; ties go to the later model of ORDER (the pipeline's goal)."""
+def recommend(val_accuracy: Mapping[str, float], *, order: Sequence[str] = ORDER) -> str:
+    """The model to use: highest val accuracy; ties go to the later model of `order` (the pipeline's goal)."""
     if not val_accuracy:
-        return ORDER[-1]
-    rank = {m: i for i, m in enumerate(ORDER)}
+        return order[-1]
+    rank = {m: i for i, m in enumerate(order)}
     return max(val_accuracy, key=lambda m: (round(val_accuracy[m], 6), rank.get(m, -1)))
 
 

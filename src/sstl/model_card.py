@@ -19,8 +19,8 @@ from sstl.dataset import SPLITS as DATA_SPLITS
 from sstl.files import read_csv, read_json
 
 EVAL_SPLITS = ("test", "test-add")
-MODELS = ("teacher", "student", "finetuned")
-SECTIONS = {"teacher": "teacher", "student": "student", "finetuned": "finetune"}  # params.yaml section per model
+MODELS = ("teacher", "student", "finetuned")  # one round; later rounds' students come between (params `rounds`)
+SECTIONS = {"teacher": "teacher", "finetuned": "finetune"}  # params.yaml section per model; every student: student
 TOP = 5  # rows in the worst-class and confused-pair tables
 SKIPPED_LISTED = 10  # skipped entries listed one by one; all are in skipped.csv
 DASH = "—"
@@ -88,7 +88,7 @@ def gather_params(checkpoints: Mapping[str, Mapping[str, Any]], params: Mapping[
     return {
         "seed": params["seed"],
         "precision": dict(params["precision"]),
-        "models": {m: _model_params(m, checkpoints[m], params) for m in MODELS if m in checkpoints},
+        "models": {m: _model_params(m, payload, params) for m, payload in checkpoints.items()},  # pipeline order
         "pseudolabel": {
             **{k: select[k] for k in (*keys, "tta", "temperature")},
             "student targets": params["student"]["pseudo_targets"],
@@ -100,7 +100,8 @@ def gather_params(checkpoints: Mapping[str, Mapping[str, Any]], params: Mapping[
 def _model_params(name: str, payload: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
     """One row of the params table; fine-tuning has one learning rate and no head-only phase."""
     config = payload.get("config", {})
-    train = config.get(SECTIONS[name]) or params[SECTIONS[name]]
+    section = SECTIONS.get(name, "student")
+    train = config.get(section) or params[section]
     model = payload.get("model", {})
     finetuned = name == "finetuned"
     return {

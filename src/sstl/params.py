@@ -165,6 +165,32 @@ class TuneParams(Strict):
         return space
 
 
+MODEL_NAME = r"^[a-z][a-z0-9_]*$"  # a file stem, a metrics key and a confusion-file prefix: no dots, no hyphens
+RESERVED = ("teacher", "finetuned", "pretrain")  # the other models' files in models/
+
+
+class RoundParams(Strict):
+    """One noisy-student round: `teacher` pseudo-labels the pool, `student` learns from it (models/<name>.pt)."""
+
+    teacher: str = Field(pattern=MODEL_NAME)
+    student: str = Field(pattern=MODEL_NAME)
+
+
+def _check_chain(rounds: list[RoundParams]) -> list[RoundParams]:
+    """Round 1 learns from the teacher, round r from round r-1's student; students are new names."""
+    if not rounds:
+        raise ValueError("needs at least one round: [{teacher: teacher, student: student}]")
+    before = "teacher"
+    for i, r in enumerate(rounds):
+        if r.teacher != before:
+            raise ValueError(f"round {i + 1}'s teacher is {r.teacher!r}: it must be the model before it, {before!r}")
+        if r.student in RESERVED or r.student in [x.student for x in rounds[:i]]:
+            free = "student" if i == 0 else f"student{i + 1}"
+            raise ValueError(f"round {i + 1}'s student {r.student!r} is taken: name it e.g. {free}")
+        before = r.student
+    return rounds
+
+
 class EvaluateParams(Strict):
     ece_bins: int = Field(15, ge=1, le=100)
     tta: Tta = Field("none", description=f"{TTA_HELP}; `sstl predict` follows it")
@@ -182,6 +208,10 @@ class Params(Strict):
     teacher: TeacherParams = TeacherParams()
     pseudolabel: SelectConfig = SelectConfig()
     student: StudentParams = StudentParams(arch="resnet34")
+    rounds: list[RoundParams] = Field(
+        default_factory=lambda: [RoundParams(teacher="teacher", student="student")],
+        description="noisy-student rounds (DVC foreach): each student learns from the model before it",
+    )
     finetune: FinetuneParams = FinetuneParams()
     evaluate: EvaluateParams = EvaluateParams()
 
@@ -201,6 +231,23 @@ class Params(Strict):
             if self.data.interpolation == "auto"
             else self.data.interpolation
         )
+
+    @field_validator("rounds")
+    @classmethod
+    def _rounds_chain(cls, rounds: list[RoundParams]) -> list[RoundParams]:
+        return _check_chain(rounds)
+
+    def students(self) -> list[str]:
+        """Every round's student, in pipeline order; the last one is fine-tuned."""
+        return [r.student for r in self.rounds]
+
+    def round_of(self, *, student: str | None = None, teacher: str | None = None) -> tuple[int, RoundParams]:
+        """(index, round) of the round that trains `student`, or whose pseudo-labels `teacher` makes."""
+        for i, r in enumerate(self.rounds):
+            if student in (None, r.student) and teacher in (None, r.teacher):
+                return i, r
+        chain = " -> ".join(["teacher", *self.students()])
+        raise ParamsError(f"rounds: no round with teacher={teacher} student={student} (params.yaml's chain: {chain})")
 
     @model_validator(mode="after")
     def _tuned_values_fit(self) -> Params:

@@ -25,7 +25,7 @@ import shutil
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -55,7 +55,28 @@ class SelectConfig(BaseModel):
     )
     tta: Tta = Field("none", description=TTA_HELP)
     temperature: float = Field(
-        1.0, gt=0.0, description="softmax temperature of the soft targets (data/pseudoprobs.npy); not of the selection"
+        1.0, gt=0.0, description="softmax temperature of the soft targets (pseudo_files().probs); not of the selection"
+    )
+
+
+class PseudoFiles(NamedTuple):
+    """One teacher's pseudo-labels: the pseudolabel stage writes them, its round's student reads them."""
+
+    labels: Path  # the selected rows: index, path, label, label_index, score
+    probs: Path  # float32 (rows, classes): row i's soft label, softmax(logits / temperature)
+    counts: Path  # pseudo-labels per class
+    summary: Path  # pool size, selected, mean score
+    state: Path  # the streaming selection's resume state: git-ignored, not a DVC output
+
+
+def pseudo_files(teacher: str) -> PseudoFiles:
+    """Where the pseudo-labels of model `teacher` (models/<teacher>.pt) go: one set per round."""
+    return PseudoFiles(
+        Path(f"data/pseudolabels/{teacher}.csv"),
+        Path(f"data/pseudolabels/{teacher}.npy"),
+        Path(f"reports/pseudolabel/{teacher}/counts.csv"),
+        Path(f"reports/pseudolabel/{teacher}/summary.json"),
+        Path(f".sstl-state/pseudolabel/{teacher}"),
     )
 
 

@@ -19,7 +19,6 @@ from sstl.report import COLUMNS
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-MODELS = ("teacher", "student", "finetuned")  # the pipeline's order: rows follow it, unknown models after
 SPLITS = ("test", "test-add")
 METRICS_FILE = "reports/metrics.json"  # the one DVC metrics file: evaluation results only
 LABELS = {"accuracy": "accuracy", "macro_f1": "macro-F1", "ece": "ECE"}
@@ -77,6 +76,16 @@ def _order(name: str, known: Sequence[str]) -> tuple[int, str]:
     return (known.index(name), "") if name in known else (len(known), name)
 
 
+def model_order(name: str) -> tuple[int, str]:
+    """The pipeline's order: the teacher, each round's student (params `rounds`: student, student2, ...
+    by name), the fine-tuned student last."""
+    return {"teacher": (0, ""), "finetuned": (2, "")}.get(name, (1, name))
+
+
+def _models(rows: Sequence[Experiment]) -> list[str]:
+    return sorted({m for r in rows for m, _ in r.accuracy}, key=model_order)
+
+
 def metric_rows(diff: dict[str, Any]) -> dict[tuple[str, str], dict[str, tuple[Any, Any]]]:
     """`dvc metrics diff --all --json` -> {(model, split): {metric: (old, new)}} from the metrics
     file, in the fixed order (teacher, student, finetuned; test, test-add)."""
@@ -86,7 +95,7 @@ def metric_rows(diff: dict[str, Any]) -> dict[tuple[str, str], dict[str, tuple[A
         if len(parts) == 3:
             model, split, metric = parts
             rows.setdefault((model, split), {})[metric] = (change.get("old"), change.get("new"))
-    return dict(sorted(rows.items(), key=lambda kv: (_order(kv[0][0], MODELS), _order(kv[0][1], SPLITS))))
+    return dict(sorted(rows.items(), key=lambda kv: (model_order(kv[0][0]), _order(kv[0][1], SPLITS))))
 
 
 def _num(v: Any) -> str:
@@ -260,7 +269,7 @@ def _series_key(plot: Plot) -> str | None:
 def _draw_line(ax: Axes, plot: Plot, revs: list[str]) -> None:
     key = _series_key(plot)
     names = {str(r.get(key)) for r in plot.records} if key else {""}
-    series = sorted(names, key=lambda n: _order(Path(n).stem, MODELS))
+    series = sorted(names, key=lambda n: model_order(Path(n).stem))
     for i, rev in enumerate(revs):
         for j, name in enumerate(series):
             pts = [r for r in plot.records if r.get("rev") == rev and (not key or str(r.get(key)) == name)]
@@ -318,7 +327,7 @@ def _save(fig: Any, path: Path) -> None:
 def _model_split(plot: Plot) -> tuple[tuple[int, str], tuple[int, str]]:
     """evaluate names confusion files <model>-<split>.csv: teacher, student, finetuned; test, test-add."""
     model, _, split = Path(plot.title).stem.partition("-")
-    return _order(model, MODELS), _order(split, SPLITS)
+    return model_order(model), _order(split, SPLITS)
 
 
 def render_plots(data: dict[str, Any], folder: Path, *, old: str) -> list[tuple[str, Path]]:
@@ -463,7 +472,7 @@ def exp_table(rows: Sequence[Experiment], *, width: int = 120, decimals: int = 4
     """Experiments as a plain text table that fits `width` columns: experiment (name and short rev), the
     params that differ between them, test / test-add accuracy of each model; params that do not fit are
     named below the table (all of them in --md)."""
-    accs = [(m, s) for m in MODELS for s in SPLITS if any((m, s) in r.accuracy for r in rows)]
+    accs = [(m, s) for m in _models(rows) for s in SPLITS if any((m, s) in r.accuracy for r in rows)]
     names = [f"{r.name} {r.rev}" if r.rev and r.name != r.rev else r.name for r in rows]
     first = Column(top="", bottom="experiment", width=min(max([10, *map(len, names)]), 24))
     metrics = []
@@ -497,7 +506,7 @@ def exp_table(rows: Sequence[Experiment], *, width: int = 120, decimals: int = 4
 
 def exp_markdown(rows: Sequence[Experiment], *, decimals: int = 4) -> str:
     """The same rows as a markdown table, every changed param with its full name."""
-    accs = [(m, s) for m in MODELS for s in SPLITS if any((m, s) in r.accuracy for r in rows)]
+    accs = [(m, s) for m in _models(rows) for s in SPLITS if any((m, s) in r.accuracy for r in rows)]
     keys = changed_params(rows)
     head = ["experiment", "rev", *keys, *(f"{m} {s}" for m, s in accs)]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---|" * len(keys) + "---:|" * len(accs)]
