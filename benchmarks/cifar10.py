@@ -155,12 +155,14 @@ def render(records: list[dict]) -> str:
             f"{f(r['train_images_per_second'], '.0f')} | {f(r['pipeline_seconds'] / 60, '.1f')} | "
             f"{r['machine']} | {r['date']} | {r['commit']} |"
         )
-    lines += ["", "Per stage (seconds / peak RSS MB):", ""]
+    lines += ["", "Per stage (seconds / peak RSS MB) and the locked environment of each run:", ""]
     for labels in sorted({r["labels"] for r in records}):
-        st = next(r for r in records if r["labels"] == labels)["stages"]
+        run = next(r for r in records if r["labels"] == labels)
+        st = run["stages"]
         lines.append(
             f"- {labels} labels: "
             + ", ".join(f"{s} {st[s]['seconds']} s / {st[s]['peak_rss_mb']} MB" for s in sorted(st, key=stage_order))
+            + f"; {run.get('environment', 'environment not recorded')}"
         )
     notes = ROOT / "benchmarks/cifar10-tried.md"  # the log of what was tried, kept by hand
     return "\n".join(lines) + "\n" + ("\n" + notes.read_text() if notes.is_file() else "")
