@@ -13,14 +13,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
 from conftest import ROOT
+from dvc.repo import Repo
 
 
-def _outputs(dvc_yaml: Path) -> set[str]:
-    stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
-    entries = [e for s in stages.values() for key in ("outs", "metrics", "plots") for e in s.get(key, [])]
-    return {next(iter(e)) if isinstance(e, dict) else str(e) for e in entries}
+def _outputs(root: Path) -> set[str]:
+    """Every stage's outputs as DVC resolves them (`foreach` stages expanded: data/pseudolabels/teacher.csv)."""
+    with Repo(str(root)) as repo:
+        return {out.def_path for stage in repo.index.stages for out in stage.outs}
+
+
+def _produced(dep: str, outputs: set[str]) -> bool:
+    """A dep another stage writes: one of its outputs, or a folder holding some (evaluate's `models`)."""
+    return dep in outputs or any(o.startswith(dep.rstrip("/") + "/") for o in outputs)
 
 
 def stale_stages(root: Path) -> dict[str, list]:
@@ -30,14 +35,14 @@ def stale_stages(root: Path) -> dict[str, list]:
         [sys.executable, "-m", "dvc", "status", "--json"], cwd=root, env=env, capture_output=True, text=True
     )
     assert res.returncode == 0, res.stderr
-    produced = _outputs(root / "dvc.yaml")
+    produced = _outputs(root)
     stale: dict[str, list] = {}
     for stage, changes in json.loads(res.stdout or "{}").items():
         for change in changes:
             if isinstance(change, str):  # "changed command", "always changed"
                 stale.setdefault(stage, []).append(change)
             elif "changed deps" in change:
-                deps = {k: v for k, v in change["changed deps"].items() if k not in produced}
+                deps = {k: v for k, v in change["changed deps"].items() if not _produced(k, produced)}
                 if deps:
                     stale.setdefault(stage, []).append(deps)
     return stale
