@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
 from conftest import ROOT
 from dvc.repo import Repo
 
@@ -54,3 +55,12 @@ def test_dvc_lock_matches_the_committed_code_and_params() -> None:
         "dvc.lock does not match this tree's code/params: run `sstl run` and commit dvc.lock, reports/ "
         f"and the README table with the change: {stale}"
     )
+
+
+def test_dvc_lock_has_no_stage_the_pipeline_lost() -> None:
+    """A stage renamed or removed in dvc.yaml (e.g. `student` -> the foreach `student@0`) leaves its old
+    entry in dvc.lock, which then still claims results for code that no longer runs."""
+    with Repo(str(ROOT)) as repo:
+        stages = {stage.addressing for stage in repo.index.stages}
+    locked = set(yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"])
+    assert locked <= stages, f"dvc.lock names stages dvc.yaml does not have: {sorted(locked - stages)}"
