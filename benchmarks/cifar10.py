@@ -29,6 +29,7 @@ from cifar10_folder import CACHE, SHARED, layout, unpack  # noqa: E402
 from stamp import stamp  # noqa: E402
 
 from sstl.files import write_json, write_text  # noqa: E402
+from sstl.review import model_order  # noqa: E402
 from sstl.tracking import flatten  # noqa: E402
 
 OUT_JSON = ROOT / "reports/benchmarks/cifar10.json"
@@ -214,8 +215,7 @@ def save(new: list[dict], labels: int) -> None:
     """Replace this labels setting's records in the JSON table, re-render the markdown."""
     old = json.loads(OUT_JSON.read_text()) if OUT_JSON.is_file() else []
     records = [r for r in old if r["labels"] != labels] + new
-    order = {"teacher": (0, ""), "finetuned": (2, "")}  # teacher, each round's student by name, fine-tuned
-    records.sort(key=lambda r: (-r["labels"], order.get(r["model"], (1, r["model"]))))
+    records.sort(key=lambda r: (-r["labels"], model_order(r["model"])))  # teacher, each round's student, fine-tuned
     write_json(OUT_JSON, records)
     write_text(OUT_MD, render(records))
     print(OUT_MD.read_text())
