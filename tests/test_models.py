@@ -289,6 +289,36 @@ def test_timm_data_config_is_recorded_and_restored(tmp_path: Path) -> None:
         assert torch.equal(model(model.preprocess(images)), loaded(loaded.preprocess(images)))
 
 
+def test_resize_upsamples_inside_the_model_and_travels_with_the_checkpoint(tmp_path: Path) -> None:
+    # a 32-px set read by a 64-px model: preprocess resizes after normalising, bilinear, to exactly 64 x 64
+    small = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)
+    config = cfg("convnet_s", head_layers=0, resize=64)
+    model = create_model(config, 4).eval()
+    x = model.preprocess(small)
+    assert x.shape == (3, 3, 64, 64)
+    plain = create_model(cfg("convnet_s", head_layers=0), 4).preprocess(small)
+    assert plain.shape == (3, 3, 32, 32), "no resize unless asked"
+    # bilinear 2x upsampling keeps the mean of each image channel within a rounding error
+    assert x.mean(dim=(2, 3)) == pytest.approx(plain.mean(dim=(2, 3)), abs=0.02)
+    assert model.preprocess(torch.randint(0, 256, (1, 64, 64, 3), dtype=torch.uint8)).shape == (1, 3, 64, 64)
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, model, config, ["a", "b", "c", "d"], 32)
+    loaded, _ = load_checkpoint(path)
+    assert loaded.data.resize == 64
+    with torch.no_grad():
+        assert torch.equal(model(model.preprocess(small)), loaded(loaded.preprocess(small)))
+
+
+def test_resize_downsamples_with_antialiasing() -> None:
+    # 64 -> 16 px of pixel noise: an antialiased resize averages each output over its whole 8 x 8 footprint
+    # (noise std / ~6); plain bilinear would read 2 x 2 of the 4 x 4 pixels it stands for (std / 2)
+    noise = torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    full = create_model(cfg("convnet_s", head_layers=0), 2).preprocess(noise)
+    small = create_model(cfg("convnet_s", head_layers=0, resize=16), 2).preprocess(noise)
+    assert small.shape == (4, 3, 16, 16)
+    assert float(small.std()) < 0.3 * float(full.std())
+
+
 def test_timm_arch_blocks_freeze_from_the_top() -> None:
     model = create_model(cfg("tf_efficientnet_lite0"), 4)
     assert len(model.blocks) == 8  # stem, 7 stages (the last with the head conv)

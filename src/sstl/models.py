@@ -18,6 +18,7 @@ from urllib.error import URLError
 
 import timm
 import torch
+import torch.nn.functional as F
 import torchvision
 from pydantic import BaseModel, ConfigDict, Field
 from timm.models import group_modules
@@ -188,6 +189,13 @@ class ModelConfig(BaseModel):
     widths: tuple[int, int, int] | None = Field(
         None, description="channels of the three groups of sstl's small CNNs (convnet_*, airbench_*); null: the arch's"
     )
+    resize: int | None = Field(
+        None,
+        ge=8,
+        le=1024,
+        description="side (px) the model resizes its images to, bilinear, before the backbone; null: as packed "
+        "(a 32-px set reaches an ImageNet backbone at 128 px without packing 16x the bytes)",
+    )
 
 
 class DataConfig(BaseModel):
@@ -200,6 +208,7 @@ class DataConfig(BaseModel):
     input_size: int = Field(224, ge=8, description="side the backbone was trained at, pixels")
     interpolation: Literal["bilinear", "bicubic", "nearest", "lanczos"] = "bicubic"
     fixed_input_size: bool = False
+    resize: int | None = Field(None, ge=8, description="side (px) preprocess resizes to (ModelConfig.resize)")
 
 
 class Classifier(nn.Module):
@@ -223,9 +232,15 @@ class Classifier(nn.Module):
         self.register_buffer("std", torch.tensor(data.std).view(1, 3, 1, 1), persistent=False)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, H, W, 3), on any device -> float32 (N, 3, H, W) normalised on the model's device."""
+        """uint8 (N, H, W, 3), on any device -> float32 (N, 3, H, W) normalised on the model's device;
+        (N, 3, S, S) when `data.resize` is S."""
         x = images.to(self.mean.device, non_blocking=self.mean.is_cuda).permute(0, 3, 1, 2).float().div_(255.0)
-        return (x - self.mean) / self.std
+        x = (x - self.mean) / self.std
+        side = self.data.resize
+        if side is None or x.shape[-2:] == (side, side):
+            return x
+        # after augmentation and normalisation: the batched uint8 augmentation runs at the packed size
+        return F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=x.shape[-1] > side)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) normalised images -> (N, D) pooled features."""
@@ -332,7 +347,8 @@ def create_model(cfg: ModelConfig, num_classes: int) -> Classifier:
             state = imagenet_state_dict(timm_name) if cfg.weights == "imagenet" else _file_state(payload, cfg.weights)
             _load_backbone(backbone, cfg.arch, cfg.weights, state)
         blocks, width = _timm_blocks(backbone), int(getattr(backbone, "num_features"))  # noqa: B009
-    model = Classifier(backbone, blocks, make_head(width, num_classes, cfg), data_config(cfg.arch))
+    data = data_config(cfg.arch).model_copy(update={"resize": cfg.resize})
+    model = Classifier(backbone, blocks, make_head(width, num_classes, cfg), data)
     if sstl_ckpt is not None:
         _load_sstl_backbone(model, sstl_ckpt, cfg)
     return model
