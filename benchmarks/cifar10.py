@@ -28,9 +28,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from cifar10_folder import CACHE, SHARED, layout, unpack  # noqa: E402
 from stamp import stamp  # noqa: E402
 
-from sstl.files import write_json, write_text  # noqa: E402
-from sstl.review import model_order  # noqa: E402
-from sstl.tracking import flatten  # noqa: E402
+from sstl.core.files import write_json, write_text
+from sstl.review.diff import model_order
+from sstl.track.tracking import flatten
 
 OUT_JSON = ROOT / "reports/benchmarks/cifar10.json"
 OUT_MD = ROOT / "reports/benchmarks/cifar10.md"

@@ -29,15 +29,17 @@ from pathlib import Path
 
 import yaml
 
+from sstl.train.setup import FitSetup
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from cifar10 import hydra  # noqa: E402
 from stamp import stamp  # noqa: E402
 
-from sstl.files import write_json, write_text  # noqa: E402
+from sstl.core.files import write_json, write_text
 from sstl.params import PROFILES, REPLACED, apply_profile, parse_params  # noqa: E402
-from sstl.tracking import flatten  # noqa: E402
+from sstl.track.tracking import flatten
 
 SHARED = ROOT.parent / "shared" / "datasets" / "clothing" / "clothing.tar"
 CACHE = Path.home() / ".cache" / "sstl-data" / "clothing"
@@ -129,10 +131,11 @@ def collect(pipeline: str) -> dict:
 
 def upper_bound(folder: Path, extra: Path) -> dict:
     """The teacher's backbone and recipe (profile defaults, no tuning) on all train labels, in-process."""
-    from sstl.dataset import load_classes, load_split
-    from sstl.prepare import prepare_folder
-    from sstl.training import fit
-    from sstl.workflow import build_model, evaluate_model
+    from sstl.data.dataset import load_classes, load_split
+    from sstl.data.prepare import prepare_folder
+    from sstl.pipeline.evaluate import evaluate_model
+    from sstl.pipeline.train import build_model
+    from sstl.train.loop import fit
 
     raw = overlay(apply_profile(yaml.safe_load((ROOT / "params.yaml").read_text()), "photos"), extra)
     raw["data"]["neardup"] = {"enabled": False}
@@ -152,7 +155,7 @@ def upper_bound(folder: Path, extra: Path) -> dict:
         classes = load_classes(prepared)
         labeled, val = load_split(prepared, "labeled"), load_split(prepared, "val")
         model = build_model(p.teacher.model(), len(classes), p.seed)
-        fit(model, labeled, val, p.teacher.schedule(), num_classes=len(classes), seed=p.seed, runtime=runtime)
+        fit(model, labeled, val, p.teacher.schedule(), FitSetup(num_classes=len(classes), seed=p.seed, runtime=runtime))
         out = {
             split: evaluate_model(
                 model, load_split(prepared, split), num_classes=len(classes), bins=15, runtime=p.runtime("infer")

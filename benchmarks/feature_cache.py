@@ -23,20 +23,23 @@ from pathlib import Path
 
 import torch
 
+from sstl.train.setup import FitSetup
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from clothing import CACHE, layout, unpack  # noqa: E402
 from stamp import stamp  # noqa: E402
 
-from sstl.dataset import load_classes, load_split  # noqa: E402
-from sstl.files import write_json, write_text  # noqa: E402
-from sstl.models import ModelConfig  # noqa: E402
-from sstl.prepare import prepare_folder  # noqa: E402
-from sstl.runtime import Runtime, native_bf16  # noqa: E402
-from sstl.training import TrainConfig, fit  # noqa: E402
-from sstl.transforms import AugmentConfig, augmenter  # noqa: E402
-from sstl.workflow import build_model  # noqa: E402
+from sstl.config.model import ModelConfig
+from sstl.config.train import AugmentConfig, TrainConfig
+from sstl.core.files import write_json, write_text
+from sstl.data.dataset import load_classes, load_split
+from sstl.data.prepare import prepare_folder
+from sstl.data.transforms import augmenter
+from sstl.pipeline.train import build_model
+from sstl.runtime.device import Runtime, native_bf16
+from sstl.train.loop import fit
 
 OUT = ROOT / "reports/benchmarks"
 # every layer off: not None, so fit takes the images path (the backbone every epoch), augmenting nothing
@@ -64,7 +67,7 @@ def main() -> None:
         def trial(seed: int, **kw: object) -> tuple[float, float]:
             model = build_model(cfg, len(classes), seed)
             start = time.perf_counter()
-            r = fit(model, labeled, val, schedule, num_classes=len(classes), seed=seed, runtime=runtime, **kw)
+            r = fit(model, labeled, val, schedule, FitSetup(num_classes=len(classes), seed=seed, runtime=runtime, **kw))
             return time.perf_counter() - start, r.best_val_loss
 
         ways = {

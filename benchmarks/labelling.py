@@ -34,11 +34,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from clothing import CACHE, unpack  # noqa: E402
 from stamp import stamp  # noqa: E402
 
-from sstl.files import write_json, write_text  # noqa: E402
-from sstl.inference import infer  # noqa: E402
-from sstl.labelling import STRATEGIES, margins, rank, read_images, report_skip  # noqa: E402
-from sstl.models import ModelConfig, create_model  # noqa: E402
-from sstl.runtime import Runtime, native_bf16  # noqa: E402
+from sstl.config.model import ModelConfig
+from sstl.core.files import write_json, write_text
+from sstl.labelling.queue import read_images, report_skip
+from sstl.labelling.rank import STRATEGIES, margins, rank
+from sstl.models.factory import create_model
+from sstl.models.inference import infer
+from sstl.runtime.device import Runtime, native_bf16
 
 OUT = ROOT / "reports/benchmarks"
 FEATURES = CACHE.parent / "labelling-lite0-features.pt"  # outside the repo, like the unpacked photos

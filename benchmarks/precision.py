@@ -20,22 +20,26 @@ from pathlib import Path
 
 import torch
 
+from sstl.train.setup import FitSetup
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from cifar10_folder import CACHE, SHARED, layout, unpack  # noqa: E402
 from stamp import stamp  # noqa: E402
 
-from sstl.corruptions import CorruptConfig  # noqa: E402
-from sstl.dataset import load_split  # noqa: E402
-from sstl.files import write_json, write_text  # noqa: E402
-from sstl.models import ModelConfig  # noqa: E402
-from sstl.runtime import Runtime, native_bf16  # noqa: E402
+from sstl.config.data import CorruptConfig
+from sstl.config.model import ModelConfig
+from sstl.core.files import write_json, write_text
+from sstl.data.dataset import load_split
+from sstl.runtime.device import Runtime, native_bf16
 
 PRECISIONS = ("fp32", "bf16")  # the CPU precisions compared (fp16 needs a GPU)
-from sstl.prepare import prepare_folder  # noqa: E402
-from sstl.training import TrainConfig, fit  # noqa: E402
-from sstl.workflow import build_model, evaluate_model  # noqa: E402
+from sstl.config.train import TrainConfig
+from sstl.data.prepare import prepare_folder
+from sstl.pipeline.evaluate import evaluate_model
+from sstl.pipeline.train import build_model
+from sstl.train.loop import fit
 
 MODEL = ModelConfig(arch="convnet_s", head_layers=0, dropout=0.2)  # benchmarks/cifar10.yaml's teacher
 CORRUPT = CorruptConfig(kinds=["gaussian_blur", "gaussian_noise", "jpeg", "contrast"], severity=3, seed=0)
@@ -73,7 +77,9 @@ def main() -> None:
             model = build_model(MODEL, 10, seed)
             desc = f"{train_precision} seed {seed}"
             train_rt = Runtime(torch.device("cpu"), train_precision)
-            result = fit(model, labeled, val, schedule, num_classes=10, seed=seed, desc=desc, runtime=train_rt)
+            result = fit(
+                model, labeled, val, schedule, FitSetup(num_classes=10, seed=seed, desc=desc, runtime=train_rt)
+            )
             # each model scored in both precisions: what bf16 costs in training vs in inference alone
             for infer_precision in PRECISIONS:
                 start = time.perf_counter()

@@ -16,19 +16,25 @@ from pathlib import Path
 
 import torch
 
+from sstl.runtime.device import CPU
+from sstl.train.setup import FitSetup
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from cifar10_folder import CACHE, SHARED, layout, unpack  # noqa: E402
 from stamp import stamp  # noqa: E402
 
-from sstl.dataset import load_images, load_split  # noqa: E402
-from sstl.files import write_json, write_text  # noqa: E402
-from sstl.models import ModelConfig, save_checkpoint  # noqa: E402
-from sstl.prepare import prepare_folder  # noqa: E402
-from sstl.pretrain import ROTATIONS, PretrainConfig, pretrain_rotation  # noqa: E402
-from sstl.training import TrainConfig, fit  # noqa: E402
-from sstl.workflow import build_model, evaluate_model  # noqa: E402
+from sstl.config.model import ModelConfig
+from sstl.config.train import PretrainConfig, TrainConfig
+from sstl.core.files import write_json, write_text
+from sstl.data.dataset import load_images, load_split
+from sstl.data.prepare import prepare_folder
+from sstl.models.checkpoint import save_checkpoint
+from sstl.pipeline.evaluate import evaluate_model
+from sstl.pipeline.train import build_model
+from sstl.train.loop import fit
+from sstl.train.pretrain import ROTATIONS, pretrain_rotation
 
 ARCH = "convnet_s"
 
@@ -48,7 +54,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     cfg = PretrainConfig(enabled=True, arch=ARCH, epochs=args.pretrain_epochs, max_images=args.pretrain_images)
-    model, model_cfg, result = pretrain_rotation(load_images(prepared, "unlabeled"), cfg, seed=42)
+    model, model_cfg, result = pretrain_rotation(load_images(prepared, "unlabeled"), cfg, seed=42, runtime=CPU)
     weights = prepared.parent / "cifar10-rotation-pretrain.pt"
     save_checkpoint(weights, model, model_cfg, list(ROTATIONS), 32)
     pretrain_seconds = time.perf_counter() - t0
@@ -73,8 +79,8 @@ def main() -> None:
             patience=5,
             plateau_patience=2,
         )
-        fit(net, labeled, val, schedule, num_classes=10, seed=42, desc=name)
-        acc = evaluate_model(net, test, num_classes=10, bins=15)["accuracy"]
+        fit(net, labeled, val, schedule, FitSetup(num_classes=10, seed=42, desc=name, runtime=CPU))
+        acc = evaluate_model(net, test, num_classes=10, bins=15, runtime=CPU)["accuracy"]
         records.append({"setting": name, "test_accuracy": round(acc, 4), "seconds": round(time.perf_counter() - start)})
         print(records[-1], flush=True)
 

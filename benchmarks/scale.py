@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from sstl.files import write_json, write_text
-from sstl.stream import TopK
+from sstl.core.files import write_json, write_text
+from sstl.pseudo.stream import TopK
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "reports" / "benchmarks"

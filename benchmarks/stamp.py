@@ -21,7 +21,7 @@ def machine() -> str:
 
 def stamp() -> dict[str, str]:
     """machine, UTC date, short git commit and the environment: torch's build and the lock file's digest."""
-    from sstl.environment import describe
+    from sstl.core.environment import describe
 
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     env = describe(ROOT / "requirements.lock")

@@ -38,11 +38,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from cifar10_folder import CACHE, SHARED, unpack  # noqa: E402
 from stamp import stamp  # noqa: E402
 
-from sstl.files import write_json, write_text  # noqa: E402
-from sstl.images import decode  # noqa: E402
-from sstl.models import MEAN, STD, ModelConfig, create_model  # noqa: E402
-from sstl.runtime import CPU, Runtime  # noqa: E402
-from sstl.transforms import AugmentConfig, augmenter  # noqa: E402
+from sstl.config.model import MEAN, STD, ModelConfig
+from sstl.config.train import AugmentConfig
+from sstl.core.files import write_json, write_text
+from sstl.data.images import decode
+from sstl.data.transforms import augmenter
+from sstl.models.factory import create_model
+from sstl.runtime.device import CPU, Runtime
 
 BF16 = Runtime(torch.device("cpu"), "bf16")
 

@@ -1,37 +1,48 @@
 """Stage evaluate: teacher, every round's student and the fine-tuned student on test and test-add, and
 on val for the health checks (collapse, a model below its predecessor) and the choice of the model to
-use. The fine-tuned student is published to the MLflow registry (`mlflow.model_name`, sstl.registry).
+use. The fine-tuned student is published to the MLflow registry (`mlflow.model_name`, sstl.track.registry).
 
-`evaluate.tta` averages each model's logits over flipped (and shifted) views (sstl.inference)."""
+`evaluate.tta` averages each model's logits over flipped (and shifted) views (sstl.models.inference).
 
+    python stages/evaluate.py --data data/prepared --models models --metrics reports/metrics.json
+        --per-class reports/per_class.json --health reports/health.json --confusion reports/confusion
+        --summary reports/summary.md --card reports/model_card.md
+"""
+
+import argparse
 from pathlib import Path
 
 import _checkout  # noqa: F401  (this checkout's src/ first: see stages/_checkout.py)
 
-from sstl import health, registry, tracking
-from sstl.dataset import load_classes, load_split
-from sstl.environment import describe
-from sstl.errors import stage_main
-from sstl.files import write_csv, write_json, write_text
-from sstl.model_card import gather_data, gather_params, model_card
-from sstl.models import load_checkpoint
+from sstl.core.environment import describe
+from sstl.core.files import write_csv, write_json, write_text
+from sstl.data.dataset import load_classes, load_split
+from sstl.eval import health
+from sstl.eval.model_card import gather_data, gather_params, model_card
+from sstl.eval.report import summary_markdown
+from sstl.models.checkpoint import load_checkpoint
 from sstl.params import Params, load_params
-from sstl.report import summary_markdown
-from sstl.workflow import evaluate_model
+from sstl.pipeline.evaluate import evaluate_model
+from sstl.pipeline.stage import add_paths, parse_paths, stage_main
+from sstl.track import registry, tracking
 
-PREPARED = Path("data/prepared")
 SPLITS = ("val", "test", "test-add")  # val: checks and choice only, never in the metrics
-METRICS, PER_CLASS, HEALTH = Path("reports/metrics.json"), Path("reports/per_class.json"), Path("reports/health.json")
-CONFUSION, SUMMARY, CARD = Path("reports/confusion"), Path("reports/summary.md"), Path("reports/model_card.md")
 
 
 @stage_main
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_paths(
+        parser,
+        inputs=["data", "models"],
+        outputs=["metrics", "per-class", "health", "confusion", "summary", "card"],
+    )
+    args = parse_paths(parser)
     p = load_params()
-    models = {name: Path(f"models/{name}.pt") for name in ("teacher", *p.students(), "finetuned")}  # pipeline order
+    models = {name: args.models / f"{name}.pt" for name in ("teacher", *p.students(), "finetuned")}  # pipeline order
     runtime = p.runtime("infer")
-    classes = load_classes(PREPARED)
-    data = {split: load_split(PREPARED, split) for split in SPLITS}
+    classes = load_classes(args.data)
+    data = {split: load_split(args.data, split) for split in SPLITS}
     absent = [s for s, d in data.items() if len(d) == 0 and s != "val"]  # e.g. a folder without test-add/
     metrics, per_class, val_acc, collapses, confusion, reliability, checkpoints = {}, {}, {}, {}, {}, {}, {}
     with tracking.stage_run(
@@ -56,7 +67,7 @@ def main() -> None:
                     {"actual": classes[t], "predicted": classes[q]}
                     for t, q in zip(d.labels.tolist(), r["predictions"], strict=True)
                 ]
-                write_csv(CONFUSION / f"{name}-{split}.csv", rows)
+                write_csv(args.confusion / f"{name}-{split}.csv", rows)
                 confusion.setdefault(name, {})[split] = rows
                 reliability.setdefault(name, {})[split] = r["reliability"]
         warnings = health.check_models(val_acc, collapses, order=list(models))
@@ -66,24 +77,24 @@ def main() -> None:
             "warnings": warnings,
             "absent_splits": absent,
         }
-        write_json(METRICS, metrics)
-        write_json(PER_CLASS, per_class)
-        write_json(HEALTH, verdict)
-        write_text(SUMMARY, summary_markdown(metrics, verdict))
+        write_json(args.metrics, metrics)
+        write_json(args.per_class, per_class)
+        write_json(args.health, verdict)
+        write_text(args.summary, summary_markdown(metrics, verdict))
         card = model_card(
             metrics=metrics,
             per_class=per_class,
             confusion=confusion,
             reliability=reliability,
             verdict=verdict,
-            data=data_section(p),
+            data=data_section(p, args.data),
             params=gather_params(checkpoints, p.model_dump()),
             environment=describe(),
         )
-        write_text(CARD, card)
+        write_text(args.card, card)
         tracking.log_metrics(metrics | {"val_accuracy": val_acc})
         tracking.set_tags({"sstl.use": verdict["use"], "sstl.warnings": "; ".join(warnings) or "none"})
-        tracking.log_artifacts(METRICS, PER_CLASS, HEALTH, SUMMARY, CONFUSION, CARD)
+        tracking.log_artifacts(args.metrics, args.per_class, args.health, args.summary, args.confusion, args.card)
         if p.mlflow.model_name and "test" in metrics["finetuned"]:
             decision = registry.publish(
                 models["finetuned"],
@@ -95,13 +106,13 @@ def main() -> None:
             )
             print(f"registered {p.mlflow.model_name}: {decision['champion']} champion ({decision['champion_reason']})")
     health.warn("evaluate", warnings)
-    print(SUMMARY.read_text())
+    print(args.summary.read_text())
 
 
-def data_section(p: Params) -> dict:
+def data_section(p: Params, prepared: Path) -> dict:
     corruptions = p.data.test_add_corruptions
     return gather_data(
-        PREPARED,
+        prepared,
         folder=p.data.folder,
         test_add_corruptions=None if corruptions is None else corruptions.model_dump(),
     )

@@ -31,7 +31,9 @@ def _mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> None:
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained 3-class mobilenet_v3_small checkpoint at 16 px: for plumbing (CLI, queue), not accuracy."""
-    from sstl.models import ModelConfig, create_model, save_checkpoint
+    from sstl.config.model import ModelConfig
+    from sstl.models.checkpoint import save_checkpoint
+    from sstl.models.factory import create_model
 
     path = tmp_path_factory.mktemp("model") / "model.pt"
     cfg = ModelConfig(arch="mobilenet_v3_small", head_layers=0)

@@ -20,8 +20,10 @@ from conftest import CLASSES, ROOT
 from PIL import Image
 from typer.testing import CliRunner
 
-from sstl.cli import app
-from sstl.models import ModelConfig, create_model, save_checkpoint
+from sstl.cli.app import app
+from sstl.config.model import ModelConfig
+from sstl.models.checkpoint import save_checkpoint
+from sstl.models.factory import create_model
 
 runner = CliRunner()
 
@@ -164,7 +166,7 @@ def test_predict_reads_with_the_checkpoints_own_preprocessing(tmp_path: Path, im
     on the same pixels prepared that way, not on ImageNet-normalised ones."""
     import torch
 
-    from sstl.images import decode
+    from sstl.data.images import decode
 
     cfg = ModelConfig(arch="tf_efficientnet_lite0", head_layers=0)
     torch.manual_seed(0)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sstl.corruptions import LEVELS, CorruptConfig, corrupt, corrupt_one
+from sstl.config.data import CorruptConfig
+from sstl.data.corruptions import LEVELS, corrupt, corrupt_one
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ import yaml
 from conftest import ROOT
 from typer.testing import CliRunner
 
-from sstl.cli import app
-from sstl.codedeps import code_deps, drift, write_deps
+from sstl.cli.app import app
+from sstl.core.codedeps import code_deps, drift, write_deps
 
 
 def test_dvc_yaml_lists_exactly_the_code_each_stage_imports() -> None:
@@ -115,7 +115,7 @@ def test_sstl_deps_adds_code_deps_to_a_stage_that_lists_none_and_reads_commented
 
 
 def test_the_code_digest_of_a_stage_changes_with_its_deps_only(tmp_path: Path) -> None:
-    from sstl.provenance import code_digest
+    from sstl.core.provenance import code_digest
 
     _package(
         tmp_path,

@@ -14,15 +14,18 @@ SCRIPT = textwrap.dedent(
     import torch
     sys.path.insert(0, sys.argv[2])
     from test_training import SCHEDULE, TRAIN, VAL, new_model
-    from sstl.models import model_digest
-    from sstl.runtime import CPU, distributed
-    from sstl.training import fit
+    from sstl.models.classifier import model_digest
+    from sstl.runtime.device import CPU
+    from sstl.runtime.distributed import distributed
+    from sstl.train.loop import fit
+    from sstl.train.setup import FitSetup
 
     torch.set_num_threads(1)
     with distributed(CPU) as (rank, size):
         model = new_model()  # resnet18, seeded: the same start on every process
         # 40 images in batches of 13: the last batch holds one row, too few for two processes
-        result = fit(model, TRAIN, VAL, SCHEDULE.model_copy(update={"batch_size": 13}), num_classes=2, seed=0)
+        schedule = SCHEDULE.model_copy(update={"batch_size": 13})
+        result = fit(model, TRAIN, VAL, schedule, FitSetup(num_classes=2, seed=0, runtime=CPU))
         row = {"rank": rank, "size": size, "val_loss": result.best_val_loss, "val_acc": result.best_val_acc,
                "epochs": len(result.history), "digest": model_digest(model)}
         with open(f"{sys.argv[1]}.{rank}", "w") as f:

@@ -12,7 +12,7 @@ import numpy
 import pytest
 import torch
 
-from sstl import environment
+from sstl.core import environment
 
 
 def test_versions_are_the_installed_ones() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from sstl.health import at_chance, check_models, collapse, recommend
-from sstl.report import summary_markdown
+from sstl.eval.health import at_chance, check_models, collapse, recommend
+from sstl.eval.report import summary_markdown
 
 CLASSES = ["cat", "dog", "owl", "fox"]
 

@@ -19,7 +19,7 @@ import pytest
 from conftest import finishes, unprivileged
 from PIL import Image
 
-from sstl.images import UnreadableImage, clean_message, decode, is_hidden, read_file, walk
+from sstl.data.images import UnreadableImage, clean_message, decode, is_hidden, read_file, walk
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 
@@ -280,7 +280,7 @@ def test_read_file_permission_denied_for_real(tmp_path: Path) -> None:
     path = tmp_path / "locked.png"
     path.write_bytes(PNG)
     path.chmod(0)
-    code = "import sys\nfrom sstl.images import read_file\n"
+    code = "import sys\nfrom sstl.data.images import read_file\n"
     code += "try:\n read_file(sys.argv[1])\nexcept Exception as e:\n print(e)"
     res = subprocess.run([*prefix, sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
     assert res.stdout.strip() == "unreadable: permission denied", res.stdout + res.stderr

@@ -10,9 +10,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from sstl.inference import Tta, batch_outputs, infer, shifted, tta_logits
-from sstl.models import Classifier, DataConfig, ModelConfig, create_model
-from sstl.predict import predict
+from sstl.config.model import DataConfig, ModelConfig
+from sstl.config.runtime import Tta
+from sstl.eval.predict import predict
+from sstl.models.classifier import Classifier
+from sstl.models.factory import create_model
+from sstl.models.inference import batch_outputs, infer, shifted, tta_logits
+from sstl.runtime.device import CPU
 
 SIDE, CLASSES = 8, 4
 IMAGES = torch.randint(0, 256, (10, SIDE, SIDE, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
@@ -45,16 +49,16 @@ def left_right_model() -> Classifier:
 
 def plain(model: Classifier, images: np.ndarray) -> torch.Tensor:
     """The views' logits, each view given to the model as an ordinary image (tta none)."""
-    return infer(model, torch.from_numpy(np.ascontiguousarray(images)), batch_size=4)
+    return infer(model, torch.from_numpy(np.ascontiguousarray(images)), batch_size=4, runtime=CPU)
 
 
 def test_none_is_the_plain_forward_pass_batch_by_batch() -> None:
     torch.manual_seed(0)
     model = create_model(ModelConfig(arch="convnet_s"), 3).eval()
     want = torch.cat([model(model.preprocess(IMAGES[a : a + 4])) for a in range(0, len(IMAGES), 4)])
-    got = infer(model, IMAGES, batch_size=4, tta="none")
+    got = infer(model, IMAGES, batch_size=4, tta="none", runtime=CPU)
     assert torch.equal(got, want)
-    assert torch.equal(infer(model, IMAGES, batch_size=4), want), "none is the default"
+    assert torch.equal(infer(model, IMAGES, batch_size=4, runtime=CPU), want), "none is the default"
 
 
 def test_flip_averages_an_image_and_its_horizontal_mirror() -> None:
@@ -62,15 +66,15 @@ def test_flip_averages_an_image_and_its_horizontal_mirror() -> None:
     # bright on the left: logits (left, right) = (1, 0); its mirror (0, 1); flip TTA sees both
     image = torch.zeros(1, 4, 4, 3, dtype=torch.uint8)
     image[:, :, :2] = 255
-    assert infer(model, image).tolist() == [[1.0, 0.0]]
-    assert infer(model, image, tta="flip").tolist() == [[0.5, 0.5]]  # a vertical mirror would give (1, 0)
+    assert infer(model, image, runtime=CPU).tolist() == [[1.0, 0.0]]
+    assert infer(model, image, tta="flip", runtime=CPU).tolist() == [[0.5, 0.5]]  # a vertical mirror would give (1, 0)
 
 
 def test_flip_is_the_exact_mean_of_the_two_views() -> None:
     model = linear_model()
     images = IMAGES.numpy()
     want = 0.5 * plain(model, images) + 0.5 * plain(model, images[:, :, ::-1])  # (N, H, W, 3): W is axis 2
-    got = infer(model, IMAGES, batch_size=4, tta="flip")
+    got = infer(model, IMAGES, batch_size=4, tta="flip", runtime=CPU)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
     assert not torch.allclose(got, plain(model, images), atol=1e-2), "the mirror counts"
 
@@ -78,7 +82,9 @@ def test_flip_is_the_exact_mean_of_the_two_views() -> None:
 def test_a_mirror_symmetric_image_is_unchanged_by_flip() -> None:
     model = linear_model()
     symmetric = torch.cat([IMAGES[:, :, :4], IMAGES[:, :, :4].flip(2)], dim=2)
-    torch.testing.assert_close(infer(model, symmetric, tta="flip"), infer(model, symmetric), rtol=0, atol=1e-4)
+    torch.testing.assert_close(
+        infer(model, symmetric, tta="flip", runtime=CPU), infer(model, symmetric, runtime=CPU), rtol=0, atol=1e-4
+    )
 
 
 def test_flip_translate_is_airbench_level_2() -> None:
@@ -98,10 +104,10 @@ def test_flip_translate_is_airbench_level_2() -> None:
         return 0.5 * plain(model, v) + 0.5 * plain(model, v[:, :, ::-1])
 
     want = 0.5 * flip_mean(views["x"]) + 0.25 * flip_mean(views["down_right"]) + 0.25 * flip_mean(views["up_left"])
-    got = infer(model, IMAGES, batch_size=4, tta="flip_translate")
+    got = infer(model, IMAGES, batch_size=4, tta="flip_translate", runtime=CPU)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
     # the shifted views matter: the flip mean alone is another answer
-    assert not torch.allclose(got, infer(model, IMAGES, tta="flip"), atol=1e-2)
+    assert not torch.allclose(got, infer(model, IMAGES, tta="flip", runtime=CPU), atol=1e-2)
 
 
 def test_shift_windows_on_a_small_image() -> None:
@@ -117,17 +123,17 @@ def test_views_stay_in_fp32_and_on_one_batch() -> None:
     for tta in ("none", "flip", "flip_translate"):
         out = tta_logits(model, x, tta)  # type: ignore[arg-type]
         assert out.dtype == torch.float32 and out.shape == (3, CLASSES)
-    (empty, index), *_ = batch_outputs(model, IMAGES[:0], tta="flip_translate")
+    (empty, index), *_ = batch_outputs(model, IMAGES[:0], tta="flip_translate", runtime=CPU)
     assert empty.shape == (0, CLASSES) and index.numel() == 0
 
 
 def test_features_take_no_tta_and_unknown_modes_are_refused() -> None:
     model = linear_model()
     with pytest.raises(ValueError, match="features are of the image itself"):
-        infer(model, IMAGES, features=True, tta="flip")
-    assert infer(model, IMAGES, features=True).shape == (len(IMAGES), 3 * SIDE * SIDE)
+        infer(model, IMAGES, features=True, tta="flip", runtime=CPU)
+    assert infer(model, IMAGES, features=True, runtime=CPU).shape == (len(IMAGES), 3 * SIDE * SIDE)
     with pytest.raises(ValueError, match="unknown tta 'mirror'"):
-        infer(model, IMAGES, tta="mirror")  # type: ignore[arg-type]
+        infer(model, IMAGES, tta="mirror", runtime=CPU)  # type: ignore[arg-type]
 
 
 def test_predict_takes_the_tta_of_evaluate(tmp_path: Path) -> None:
@@ -137,7 +143,9 @@ def test_predict_takes_the_tta_of_evaluate(tmp_path: Path) -> None:
     model = left_right_model()
 
     def probabilities(tta: Tta) -> list[float]:
-        (row,) = predict(model, ["left", "right"], 8, [tmp_path / "left.png"], 2, interpolation="nearest", tta=tta)
+        (row,) = predict(
+            model, ["left", "right"], 8, [tmp_path / "left.png"], 2, interpolation="nearest", tta=tta, runtime=CPU
+        )
         return [p["probability"] for p in sorted(row["predictions"], key=lambda p: p["class"])]
 
     assert probabilities("none") == [0.7311, 0.2689]  # softmax(1, 0)

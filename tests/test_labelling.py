@@ -14,9 +14,11 @@ from conftest import CLASSES
 from PIL import Image
 from typer.testing import CliRunner
 
-from sstl.cli import app
-from sstl.labelling import QUEUE_FIELDS, RECORD, entropies, margins, rank
-from sstl.prepare import scan
+from sstl.cli.app import app
+from sstl.data.scan import scan
+from sstl.labelling.importer import RECORD
+from sstl.labelling.queue import QUEUE_FIELDS
+from sstl.labelling.rank import entropies, margins, rank
 
 runner = CliRunner()
 POOL = 12

@@ -6,7 +6,7 @@ import pytest
 import sklearn.metrics as skm
 import torch
 
-from sstl.metrics import (
+from sstl.eval.metrics import (
     classification_report,
     confusion_matrix,
     expected_calibration_error,

@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from sstl.corruptions import CorruptConfig
-from sstl.metrics import expected_calibration_error, reliability_bins
-from sstl.model_card import confused_pairs, gather_data, gather_params, model_card, worst_classes
+from sstl.config.data import CorruptConfig
+from sstl.data.prepare import prepare_folder
+from sstl.eval.metrics import expected_calibration_error, reliability_bins
+from sstl.eval.model_card import confused_pairs, gather_data, gather_params, model_card, worst_classes
 from sstl.params import Params
-from sstl.prepare import prepare_folder
 
 # ---------------------------------------------------------------- figures
 

@@ -9,16 +9,12 @@ import torch
 import torchvision
 from torch import nn
 
-from sstl.errors import SstlError
-from sstl.models import (
-    ARCHS,
-    ModelConfig,
-    create_model,
-    fit_whitening,
-    load_checkpoint,
-    save_checkpoint,
-    set_trainable,
-)
+from sstl.config.model import ModelConfig
+from sstl.core.errors import SstlError
+from sstl.models.architectures import ARCHS
+from sstl.models.checkpoint import load_checkpoint, save_checkpoint
+from sstl.models.classifier import fit_whitening, set_trainable
+from sstl.models.factory import create_model
 
 PROXY_VARS = ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY")
 
@@ -343,7 +339,7 @@ def test_timm_prefix_selects_timm_over_torchvision() -> None:
 
 
 def test_freeze_bn_keeps_every_batchnorm_in_eval_mode() -> None:
-    from sstl.models import train_mode
+    from sstl.models.classifier import train_mode
 
     model = create_model(cfg("tf_efficientnet_lite0"), 3)
     bns = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]

@@ -25,17 +25,10 @@ from PIL import Image, ImageDraw, ImageFilter
 from pydantic import ValidationError
 from sklearn.datasets import load_digits, load_sample_images
 
-from sstl.files import read_csv
-from sstl.neardup import (
-    REPORT_FIELDS,
-    Match,
-    NearDupConfig,
-    features,
-    find_near_duplicates,
-    near_duplicates,
-    report_rows,
-)
-from sstl.prepare import prepare_folder
+from sstl.config.data import NearDupConfig
+from sstl.core.files import read_csv
+from sstl.data.neardup import REPORT_FIELDS, Match, features, find_near_duplicates, near_duplicates, report_rows
+from sstl.data.prepare import prepare_folder
 
 SIZE = 32
 EDITS = ("resize", "jpeg", "crop", "bright")

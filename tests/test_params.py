@@ -10,10 +10,10 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from sstl.errors import ParamsError, SstlError
-from sstl.models import ARCHS
+from sstl.config.train import SpaceEntry
+from sstl.core.errors import ParamsError, SstlError
+from sstl.models.architectures import ARCHS
 from sstl.params import Params, load_params, parse_params
-from sstl.tune import SpaceEntry
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS_YAML = ROOT / "params.yaml"

@@ -73,7 +73,7 @@ def sh(cwd: Path, *cmd: str) -> str:
 def test_photo_profile_trains_on_real_photos_with_imagenet_weights(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sstl.cli import app
+    from sstl.cli.app import app
 
     photos = photo_folder(tmp_path / "my-photos")
     repo = tmp_path / "project"

@@ -123,14 +123,30 @@ def test_second_repro_does_nothing(project: Path) -> None:
 
 
 def test_a_module_change_reruns_exactly_the_stages_that_import_it(project: Path) -> None:
-    # report.py: only evaluate imports it. images.py: prepare, whose outputs come out byte for byte the
-    # same, so nothing downstream re-runs, and evaluate (the served model decodes requests with it).
-    for module, stages in (("src/sstl/report.py", {"evaluate"}), ("src/sstl/images.py", {"prepare", "evaluate"})):
+    # eval/report.py: only evaluate imports it. data/images.py: prepare, whose outputs come out byte for byte
+    # the same, so nothing downstream re-runs, and evaluate (the served model decodes requests with it).
+    touched = (("src/sstl/eval/report.py", {"evaluate"}), ("src/sstl/data/images.py", {"prepare", "evaluate"}))
+    for module, stages in touched:
         path = project / module
         path.write_text(path.read_text() + "\n# touched\n")
         assert ran_stages(dvc(project, "repro")) == stages, module
     sh(project, "git", "add", "-A")
-    sh(project, "git", "commit", "-qm", "touch report.py and images.py")
+    sh(project, "git", "commit", "-qm", "touch eval/report.py and data/images.py")
+
+
+def test_a_change_to_the_training_loop_leaves_demo_and_prepare_alone(project: Path) -> None:
+    # the config classes are a torch-free leaf (sstl.config): params no longer imports the training loop,
+    # so the stages that do not train do not depend on it
+    loop = project / "src/sstl/train/loop.py"
+    original = loop.read_text()
+    loop.write_text(original + "\n# touched\n")
+    try:
+        changed = {line.rstrip(":").strip() for line in dvc(project, "status").splitlines() if line.endswith(":")}
+    finally:
+        loop.write_text(original)
+    assert {"pretrain", "tune", "teacher", "student@0", "finetune"} <= changed, changed
+    assert not {"demo", "prepare", "pseudolabel@0", "evaluate"} & changed, changed
+    assert "up to date" in dvc(project, "status")
 
 
 def test_student_param_change_reruns_only_downstream(project: Path) -> None:
@@ -160,10 +176,10 @@ def test_an_unwritable_or_full_models_folder_stops_the_teacher_before_training(
 ) -> None:
     _mount(project / "models", options)
     try:
-        env = os.environ | {"DVC_STAGE": "teacher"}
-        res = subprocess.run(
-            [sys.executable, "stages/teacher.py"], cwd=project, env=env, capture_output=True, text=True
-        )
+        # the stage's own command, as dvc.yaml gives it (DVC would add its own lines around the error)
+        cmd = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]["teacher"]["cmd"].split()
+        assert cmd[0] == "python"
+        res = subprocess.run([sys.executable, *cmd[1:]], cwd=project, capture_output=True, text=True)
     finally:
         subprocess.run(["umount", str(project / "models")], check=True)
     assert res.returncode == 1
@@ -175,7 +191,7 @@ def test_an_unwritable_or_full_models_folder_stops_the_teacher_before_training(
 def test_queued_experiments_run_in_parallel_on_their_own_code_into_one_store(project: Path) -> None:
     # the workspace's report.py marks summaries; the installed sstl (this checkout) does not: a
     # queued experiment must run the code of its own tree
-    report = project / "src/sstl/report.py"
+    report = project / "src/sstl/eval/report.py"
     original = report.read_text()
     report.write_text(
         original.replace('return "\\n".join(lines) + "\\n"', 'return "\\n".join(lines) + "\\nqueued-tree\\n"', 1)
@@ -253,7 +269,7 @@ def experiments(table: object) -> dict[str, dict]:
 def test_exp_run_and_show_compare_experiments(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
-    from sstl.cli import app
+    from sstl.cli.app import app
 
     out = dvc(project, "exp", "run", "-S", "teacher.dropout=0.1", "--name", "lowdrop")
     assert {"tune", "teacher", "evaluate"} <= ran_stages(out) and "demo" not in ran_stages(out)
@@ -280,7 +296,7 @@ def test_exp_run_and_show_compare_experiments(project: Path, monkeypatch: pytest
 def test_report_diffs_against_a_revision(project: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from sstl.cli import app
+    from sstl.cli.app import app
 
     monkeypatch.chdir(project)
     res = CliRunner().invoke(app, ["report", "--rev", "HEAD~1", "--plots", str(tmp_path / "plots")])

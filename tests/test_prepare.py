@@ -21,11 +21,12 @@ import yaml
 from conftest import finishes, unprivileged
 from PIL import Image
 
-from sstl.dataset import SPLITS, load_classes, load_split
-from sstl.errors import SstlError
-from sstl.files import read_csv, read_json
-from sstl.images import decode
-from sstl.prepare import fingerprint, folder_inventory, prepare_folder, refresh_inventory, skip_report, stratified_split
+from sstl.core.errors import SstlError
+from sstl.core.files import read_csv, read_json
+from sstl.data.dataset import SPLITS, load_classes, load_split
+from sstl.data.images import decode
+from sstl.data.inventory import fingerprint, folder_inventory, refresh_inventory
+from sstl.data.prepare import prepare_folder, skip_report, stratified_split
 
 CLASSES = ("ant", "bee", "cat")
 SIZE = 8
@@ -325,7 +326,7 @@ def test_errors_are_one_line(folder: Path, tmp_path: Path) -> None:
 
 
 def test_test_add_built_from_corrupted_test_images(folder: Path, tmp_path: Path) -> None:
-    from sstl.corruptions import CorruptConfig
+    from sstl.config.data import CorruptConfig
 
     out = tmp_path / "prepared"
     summary = prepare_folder(
@@ -409,17 +410,17 @@ def test_links_to_photos_and_linked_class_folders_are_followed(folder: Path, tmp
 def test_file_that_vanishes_after_the_scan_is_skipped(
     folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import sstl.prepare
+    import sstl.data.prepare
 
     victim = folder / "unlabeled" / "sub" / "u1.png"
-    real_scan = sstl.prepare.scan
+    real_scan = sstl.data.prepare.scan
 
-    def scan_then_delete(root: Path) -> sstl.prepare.Scan:
+    def scan_then_delete(root: Path) -> sstl.data.prepare.Scan:
         found = real_scan(root)
         victim.unlink()  # gone between listing and reading, as when a sync tool moves it away
         return found
 
-    monkeypatch.setattr(sstl.prepare, "scan", scan_then_delete)
+    monkeypatch.setattr(sstl.data.prepare, "scan", scan_then_delete)
     out = tmp_path / "prepared"
     summary = prepare_folder(folder, out, image_size=SIZE, val_fraction=0.25, seed=0)
     assert skipped_reasons(out, folder) == {"unlabeled/sub/u1.png": "vanished while scanning"}
@@ -436,7 +437,7 @@ def test_unreadable_file_is_skipped(folder: Path, tmp_path: Path) -> None:
     locked.chmod(0)
     out = tmp_path / "prepared"
     code = (
-        "import sys\nfrom pathlib import Path\nfrom sstl.prepare import prepare_folder\n"
+        "import sys\nfrom pathlib import Path\nfrom sstl.data.prepare import prepare_folder\n"
         "prepare_folder(Path(sys.argv[1]), Path(sys.argv[2]), image_size=8, val_fraction=0.25, seed=0)"
     )
     res = subprocess.run(
@@ -596,16 +597,16 @@ def test_fingerprint_is_what_prepare_packed_and_changes_only_with_the_photos(fol
 def test_refresh_rewrites_only_on_change_and_reads_only_changed_files(
     folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import sstl.prepare
+    import sstl.data.inventory
 
     reads: list[str] = []
-    real_read = sstl.prepare.read_file
+    real_read = sstl.data.inventory.read_file
 
     def counting_read(path: Path | str) -> bytes:
         reads.append(Path(path).name)
         return real_read(path)
 
-    monkeypatch.setattr(sstl.prepare, "read_file", counting_read)
+    monkeypatch.setattr(sstl.data.inventory, "read_file", counting_read)
     inventory, cache = tmp_path / "inventory.json", tmp_path / "state" / "cache.json"
     assert refresh_inventory(folder, inventory, cache) is True
     assert len(reads) == 21 and read_json(inventory)["files"] == 21

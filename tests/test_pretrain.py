@@ -8,9 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from sstl.errors import SstlError
-from sstl.models import ModelConfig, create_model, save_checkpoint
-from sstl.pretrain import ROTATIONS, PretrainConfig, pretrain_rotation, resolve_weights, rotations, write_disabled
+from sstl.config.model import ModelConfig
+from sstl.config.train import PretrainConfig
+from sstl.core.errors import SstlError
+from sstl.models.checkpoint import save_checkpoint
+from sstl.models.factory import create_model
+from sstl.runtime.device import CPU
+from sstl.train.pretrain import ROTATIONS, pretrain_rotation, resolve_weights, rotations, write_disabled
 
 
 def test_rotations_are_the_four_quarter_turns() -> None:
@@ -27,7 +31,7 @@ def test_pretrain_learns_rotation_and_feeds_a_teacher(tmp_path: Path) -> None:
     pool = rng.integers(0, 60, (160, 16, 16, 3), dtype=np.uint8)
     pool[:, :3] = 230
     cfg = PretrainConfig(enabled=True, arch="convnet_s", epochs=3, lr=3e-3, batch_size=64, val_fraction=0.2)
-    model, model_cfg, result = pretrain_rotation(pool, cfg, seed=0)
+    model, model_cfg, result = pretrain_rotation(pool, cfg, seed=0, runtime=CPU)
     assert result.best_val_acc > 0.9  # 4 classes: chance is 0.25
     path = tmp_path / "pretrain.pt"
     save_checkpoint(path, model, model_cfg, list(ROTATIONS), 16)

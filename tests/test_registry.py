@@ -25,14 +25,19 @@ import torch
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from sstl import tracking
-from sstl.cli import app
-from sstl.dataset import ImageSet
-from sstl.demo import CLASSES, write_demo
-from sstl.images import decode, read_file
-from sstl.models import ModelConfig, create_model, save_checkpoint
-from sstl.registry import CHAMPION, Scores, beats, data_digest, load, publish
-from sstl.training import TrainConfig, fit
+from sstl.cli.app import app
+from sstl.config.model import ModelConfig
+from sstl.config.train import TrainConfig
+from sstl.data.dataset import ImageSet
+from sstl.data.demo import CLASSES, write_demo
+from sstl.data.images import decode, read_file
+from sstl.models.checkpoint import save_checkpoint
+from sstl.models.factory import create_model
+from sstl.runtime.device import CPU
+from sstl.track import tracking
+from sstl.track.registry import CHAMPION, Scores, beats, data_digest, load, publish
+from sstl.train.loop import fit
+from sstl.train.setup import FitSetup
 
 SIZE = 16
 NAME = "digits"
@@ -55,7 +60,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     model = create_model(cfg, len(CLASSES))
     model.data = model.data.model_copy(update={"interpolation": "bilinear"})
     schedule = TrainConfig(head_epochs=0, epochs=6, lr=3e-3, batch_size=32, patience=6)
-    fit(model, train, train, schedule, num_classes=len(CLASSES), seed=0)
+    fit(model, train, train, schedule, FitSetup(num_classes=len(CLASSES), seed=0, runtime=CPU))
     path = root / "finetuned.pt"
     save_checkpoint(path, model.eval(), cfg, list(CLASSES), image_size=SIZE, interpolation="bilinear")
     return path, root / "photos/test"

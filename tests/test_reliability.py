@@ -20,13 +20,14 @@ import mlflow
 import pytest
 import yaml
 from conftest import ROOT
+from dvc.repo import Repo
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from sstl import tracking
-from sstl.cli import app
-from sstl.errors import SstlError, stage_outputs
-from sstl.files import check_writable, write_text
+from sstl.cli.app import app
+from sstl.core.errors import SstlError
+from sstl.core.files import check_writable, write_text
+from sstl.track import tracking
 
 
 @pytest.fixture
@@ -58,7 +59,7 @@ def test_runs_and_artifacts_land_in_the_project_store_with_a_relative_location(p
 
 
 def test_processes_creating_the_store_at_once_all_succeed(project_store: Path) -> None:
-    code = "from sstl import tracking; print(tracking._experiment_id('sstl'))"
+    code = "from sstl.track import tracking; print(tracking._experiment_id('sstl'))"
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(4)]
     outs = [p.communicate(timeout=120)[0].strip() for p in procs]
     assert [p.returncode for p in procs] == [0] * 4
@@ -129,17 +130,23 @@ def test_an_unwritable_output_folder_fails_before_any_work(tmp_path: Path) -> No
         _umount(tmp_path / "models")
 
 
-def test_the_outputs_checked_before_a_round_stage_are_that_rounds(tmp_path: Path) -> None:
+def test_every_stage_names_its_outputs_in_its_command_as_dvc_resolves_it(tmp_path: Path) -> None:
+    # paths are written once, in dvc.yaml: a stage script checks (and writes) what its argv names, so
+    # every output DVC tracks must be in the command DVC runs, a later round's too
     shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
     rounds = [{"teacher": "teacher", "student": "student"}, {"teacher": "student", "student": "student2"}]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"rounds": rounds}))
-    assert stage_outputs("student@1", tmp_path / "dvc.yaml") == [
-        Path("models/student2.pt"),
-        Path("reports/curves/student2.csv"),
-    ]
-    assert Path("data/pseudolabels/student.npy") in stage_outputs("pseudolabel@1", tmp_path / "dvc.yaml")
-    assert stage_outputs("student@2", tmp_path / "dvc.yaml") == []  # no such round: nothing to check
-    assert Path("models/finetuned.pt") in stage_outputs("finetune", tmp_path / "dvc.yaml")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    with Repo(str(tmp_path)) as repo:
+        stages = {s.name: s for s in repo.index.stages}
+    assert set(stages) >= {"teacher", "pseudolabel@1", "student@1", "finetune", "evaluate"}
+    for name, stage in stages.items():
+        words = stage.cmd.split()
+        for out in stage.outs:
+            assert out.def_path in words, f"{name}: {out.def_path} is not in its cmd {stage.cmd!r}"
+    assert "models/student2.pt" in stages["student@1"].cmd.split()
+    assert "data/pseudolabels/student.npy" in stages["pseudolabel@1"].cmd.split()
+    assert "models/student2.pt" in stages["finetune"].cmd.split()  # the last round's student is fine-tuned
 
 
 def test_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path: Path) -> None:
@@ -218,7 +225,7 @@ def _children(pid: int) -> list[int]:
 
 
 def test_write_errors_cover_the_disk_kinds() -> None:
-    from sstl.files import WRITE_ERRORS
+    from sstl.core.files import WRITE_ERRORS
 
     assert {errno.ENOSPC, errno.EACCES, errno.EROFS} <= set(WRITE_ERRORS)
     assert shutil.disk_usage(".").free > 0

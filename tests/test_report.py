@@ -15,8 +15,8 @@ import yaml
 from conftest import ROOT
 from typer.testing import CliRunner
 
-from sstl.cli import app
-from sstl.review import SPLITS, stale_stages
+from sstl.cli.app import app
+from sstl.review.diff import SPLITS, stale_stages
 
 MODELS = ("teacher", "student", "finetuned")  # one round: the pipeline's order
 
@@ -234,7 +234,7 @@ def test_exp_show_fits_120_columns_with_the_changed_params_and_accuracies(repo: 
 
 
 def test_exp_show_names_params_that_do_not_fit() -> None:
-    from sstl.review import Experiment, exp_table
+    from sstl.review.experiments import Experiment, exp_table
 
     rows = [
         Experiment(

@@ -26,11 +26,14 @@ import yaml
 from conftest import ROOT
 from test_training import TRAIN, VAL, dark_vs_bright, new_model
 
-from sstl.dataset import save_images
-from sstl.errors import stage_main
-from sstl.files import write_csv, write_json
-from sstl.training import FitResult, TrainConfig, fit
-from sstl.transforms import AugmentConfig, augmenter
+from sstl.config.train import AugmentConfig, TrainConfig
+from sstl.core.files import write_csv, write_json
+from sstl.data.dataset import save_images
+from sstl.data.transforms import augmenter
+from sstl.pipeline.stage import stage_main
+from sstl.runtime.device import CPU
+from sstl.train.loop import FitResult, fit
+from sstl.train.setup import FitSetup
 
 # 3 + 3 epochs, no early stop on this problem: kills can land in either phase and at the boundary
 SCHEDULE = TrainConfig(
@@ -63,7 +66,15 @@ def train(
     """plain: phase 1 on backbone features, then phase 2; augmented: both phases on augmented images."""
     model = new_model()  # resnet18 with dropout: the torch RNG matters too
     augment = augmenter(AugmentConfig(), int(TRAIN.images.shape[1]), 0) if mode == "augmented" else None
-    result = fit(model, TRAIN, VAL, SCHEDULE, num_classes=2, seed=0, augment=augment, on_epoch=on_epoch, state=state)
+    result = fit(
+        model,
+        TRAIN,
+        VAL,
+        SCHEDULE,
+        FitSetup(num_classes=2, seed=0, augment=augment, runtime=CPU),
+        on_epoch=on_epoch,
+        state=state,
+    )
     return model, result
 
 
@@ -134,7 +145,15 @@ def partial_state(path: Path, *, seed: int = 0, epochs: int = 2) -> None:
             raise Stop
 
     with pytest.raises(Stop):
-        fit(new_model(), TRAIN, VAL, SCHEDULE, num_classes=2, seed=seed, on_epoch=stop, state=path)
+        fit(
+            new_model(),
+            TRAIN,
+            VAL,
+            SCHEDULE,
+            FitSetup(num_classes=2, seed=seed, runtime=CPU),
+            on_epoch=stop,
+            state=path,
+        )
     assert path.is_file()
 
 
@@ -177,7 +196,7 @@ def test_divergence_names_epoch_batch_and_lr_and_exits_non_zero(
 
     @stage_main
     def main() -> None:
-        fit(model, TRAIN, VAL, SCHEDULE, num_classes=2, seed=0, on_epoch=poison, state=state)
+        fit(model, TRAIN, VAL, SCHEDULE, FitSetup(num_classes=2, seed=0, runtime=CPU), on_epoch=poison, state=state)
 
     with pytest.raises(SystemExit) as exit_info:
         main()

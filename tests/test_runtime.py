@@ -8,15 +8,19 @@ import pytest
 import torch
 from test_training import SCHEDULE, TRAIN, VAL, new_model
 
-from sstl import runtime as rt
-from sstl.errors import SstlError
-from sstl.inference import infer
-from sstl.models import ModelConfig, create_model
+from sstl.config.model import ModelConfig
+from sstl.config.pseudo import SelectConfig
+from sstl.config.train import AugmentConfig, TrainConfig
+from sstl.core.errors import SstlError
+from sstl.data.transforms import augmenter
+from sstl.models.factory import create_model
+from sstl.models.inference import infer
 from sstl.params import parse_params
-from sstl.pseudolabel import SelectConfig, select_pool
-from sstl.runtime import CPU, Runtime, make_runtime, resolve_device
-from sstl.training import TrainConfig, features, fit
-from sstl.transforms import AugmentConfig, augmenter
+from sstl.pseudo.pool import select_pool
+from sstl.runtime import device as rt
+from sstl.runtime.device import CPU, Runtime, make_runtime, resolve_device
+from sstl.train.loop import features, fit
+from sstl.train.setup import FitSetup
 
 POOL = torch.randint(0, 256, (96, 16, 16, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
 CFG = SelectConfig(method="topk", top_k=15, top_p=2, batch_size=16, shard_size=16)  # 96 images: 6 shards
@@ -100,7 +104,7 @@ def test_bf16_fit_learns_keeps_fp32_weights_and_is_deterministic() -> None:
     runs = []
     for _ in range(2):
         model = new_model()
-        runs.append((model, fit(model, TRAIN, VAL, SCHEDULE, num_classes=2, seed=0, runtime=BF16)))
+        runs.append((model, fit(model, TRAIN, VAL, SCHEDULE, FitSetup(num_classes=2, seed=0, runtime=BF16))))
     (model_a, a), (model_b, b) = runs
     assert a.best_val_acc > 0.9
     assert all(p.dtype == torch.float32 for p in model_a.parameters())
@@ -110,14 +114,14 @@ def test_bf16_fit_learns_keeps_fp32_weights_and_is_deterministic() -> None:
     # kernel leaves run-dependent values in 3x3 taps that only ever meet zero padding, here where
     # resnet18's last block sees 1x1 maps; they never reach an output.)
     assert torch.equal(infer(model_a, VAL.images, runtime=BF16), infer(model_b, VAL.images, runtime=BF16))
-    fp32 = fit(new_model(), TRAIN, VAL, SCHEDULE, num_classes=2, seed=0)
+    fp32 = fit(new_model(), TRAIN, VAL, SCHEDULE, FitSetup(num_classes=2, seed=0, runtime=CPU))
     assert a.history[0]["train_loss"] != fp32.history[0]["train_loss"], "bf16 must really change the arithmetic"
 
 
 @any_cpu
 def test_bf16_inference_returns_fp32_logits_close_to_fp32() -> None:
     model = scorer()
-    full, half = infer(model, POOL), infer(model, POOL, runtime=BF16)
+    full, half = infer(model, POOL, runtime=CPU), infer(model, POOL, runtime=BF16)
     assert half.dtype == torch.float32 and half.shape == full.shape
     assert not torch.equal(half, full)
     # bf16 keeps 8 bits of mantissa: logits agree to about 1% of their spread, and so do decisions
@@ -128,7 +132,7 @@ def test_bf16_inference_returns_fp32_logits_close_to_fp32() -> None:
 @any_cpu
 def test_bf16_scores_never_resume_an_fp32_state(tmp_path: Path) -> None:
     model = scorer()
-    select_pool(model, POOL, CFG, 3, state_dir=tmp_path)
+    select_pool(model, POOL, CFG, 3, state_dir=tmp_path, runtime=CPU)
     shards: list[int] = []
     got = select_pool(model, POOL, CFG, 3, state_dir=tmp_path, on_shard=shards.append, runtime=BF16)
     assert shards == list(range(6)), "a state scored in fp32 is not resumed by a bf16 run"
@@ -151,8 +155,8 @@ def test_head_on_features_learns_what_the_head_on_images_learns(tmp_path: Path) 
         AugmentConfig(hflip=False, crop_scale=1, rotate=0, translate=0, color=0, blur_noise=0, erase=0), 16, 0
     )
     on_images, on_features = new_model(), new_model()
-    a = fit(on_images, TRAIN, VAL, HEAD_ONLY, num_classes=2, seed=0, augment=no_op)
-    b = fit(on_features, TRAIN, VAL, HEAD_ONLY, num_classes=2, seed=0, feature_cache=tmp_path)
+    a = fit(on_images, TRAIN, VAL, HEAD_ONLY, FitSetup(num_classes=2, seed=0, augment=no_op, runtime=CPU))
+    b = fit(on_features, TRAIN, VAL, HEAD_ONLY, FitSetup(num_classes=2, seed=0, feature_cache=tmp_path, runtime=CPU))
     assert len(a.history) == len(b.history) == 4
     for ra, rb in zip(a.history, b.history, strict=True):
         assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-4, abs=1e-6)
@@ -164,29 +168,32 @@ def test_head_on_features_learns_what_the_head_on_images_learns(tmp_path: Path) 
 
 def test_cached_features_are_reused_and_bit_identical(tmp_path: Path) -> None:
     model = new_model().eval()
-    first = features(model, TRAIN.images, cache_dir=tmp_path)
+    first = features(model, TRAIN.images, cache_dir=tmp_path, runtime=CPU)
     (cached,) = tmp_path.glob("*.pt")
     stamp = cached.stat().st_mtime_ns
-    again = features(model, TRAIN.images, cache_dir=tmp_path)
+    again = features(model, TRAIN.images, cache_dir=tmp_path, runtime=CPU)
     assert torch.equal(first, again) and cached.stat().st_mtime_ns == stamp, "read back, not recomputed"
-    runs = [fit(new_model(), TRAIN, VAL, HEAD_ONLY, num_classes=2, seed=0, feature_cache=c) for c in (tmp_path, None)]
+    runs = [
+        fit(new_model(), TRAIN, VAL, HEAD_ONLY, FitSetup(num_classes=2, seed=0, feature_cache=c, runtime=CPU))
+        for c in (tmp_path, None)
+    ]
     assert [r["val_loss"] for r in runs[0].history] == [r["val_loss"] for r in runs[1].history]
 
 
 def test_feature_cache_is_invalidated_when_the_backbone_or_data_change(tmp_path: Path) -> None:
     model = new_model().eval()
-    base = features(model, TRAIN.images, cache_dir=tmp_path)
+    base = features(model, TRAIN.images, cache_dir=tmp_path, runtime=CPU)
     with torch.no_grad():
         next(model.backbone.parameters()).add_(0.5)  # another backbone: e.g. fine-tuned weights
-    changed = features(model, TRAIN.images, cache_dir=tmp_path)
+    changed = features(model, TRAIN.images, cache_dir=tmp_path, runtime=CPU)
     assert not torch.equal(base, changed)
-    assert torch.equal(changed, features(model, TRAIN.images))  # what the new backbone really computes
-    features(model, VAL.images, cache_dir=tmp_path)
+    assert torch.equal(changed, features(model, TRAIN.images, runtime=CPU))  # what the new backbone really computes
+    features(model, VAL.images, cache_dir=tmp_path, runtime=CPU)
     assert len(list(tmp_path.glob("*.pt"))) == 3
     head_only = model.head
     with torch.no_grad():
         next(head_only.parameters()).add_(1.0)  # the head is not part of the key: features do not depend on it
-    assert torch.equal(changed, features(model, TRAIN.images, cache_dir=tmp_path))
+    assert torch.equal(changed, features(model, TRAIN.images, cache_dir=tmp_path, runtime=CPU))
     assert len(list(tmp_path.glob("*.pt"))) == 3
 
 
@@ -194,5 +201,5 @@ def test_inference_on_an_empty_split_has_the_right_width() -> None:
     """A folder without test-add/ packs an empty split: evaluate must get (0, C) logits, not fail."""
     model = scorer()
     empty = torch.zeros((0, 16, 16, 3), dtype=torch.uint8)
-    assert infer(model, empty).shape == (0, 3)
-    assert infer(model, empty, features=True).shape == (0, 512)
+    assert infer(model, empty, runtime=CPU).shape == (0, 3)
+    assert infer(model, empty, features=True, runtime=CPU).shape == (0, 512)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sstl.pseudolabel import select_threshold, select_topk
+from sstl.pseudo.select import select_threshold, select_topk
 
 
 def as_lists(sel: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> list[tuple[int, int, float]]:

@@ -16,22 +16,19 @@ import numpy as np
 import pytest
 import torch
 
-from sstl.dataset import ImageSet
-from sstl.errors import SstlError
-from sstl.inference import infer
-from sstl.models import Classifier, ModelConfig, create_model, load_checkpoint, save_checkpoint
-from sstl.pseudolabel import (
-    SelectConfig,
-    clear_state,
-    select_pool,
-    select_pool_logits,
-    select_threshold,
-    select_topk,
-    soft_targets,
-    state_file,
-)
-from sstl.stream import Rows, Threshold, TopK, top_classes
-from sstl.workflow import pseudo_targets, pseudolabel
+from sstl.config.model import ModelConfig
+from sstl.config.pseudo import SelectConfig
+from sstl.core.errors import SstlError
+from sstl.data.dataset import ImageSet
+from sstl.models.checkpoint import load_checkpoint, save_checkpoint
+from sstl.models.classifier import Classifier
+from sstl.models.factory import create_model
+from sstl.models.inference import infer
+from sstl.pipeline.pseudolabel import pseudo_targets, pseudolabel
+from sstl.pseudo.pool import clear_state, select_pool, select_pool_logits, state_file
+from sstl.pseudo.select import select_threshold, select_topk, soft_targets
+from sstl.pseudo.stream import Rows, Threshold, TopK, top_classes
+from sstl.runtime.device import CPU
 
 Selection = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -204,7 +201,7 @@ def images_of(pool: Path) -> np.ndarray:
 
 def reference(model: Classifier, pool: Path, cfg: SelectConfig) -> Selection:
     """In memory: all probabilities, then select_topk / select_threshold."""
-    probs = infer(model, torch.from_numpy(np.array(images_of(pool))), batch_size=cfg.batch_size).softmax(1)
+    probs = infer(model, torch.from_numpy(np.array(images_of(pool))), batch_size=cfg.batch_size, runtime=CPU).softmax(1)
     if cfg.method == "topk":
         return select_topk(probs, cfg.top_k, cfg.top_p)
     return select_threshold(probs, cfg.threshold)
@@ -212,7 +209,9 @@ def reference(model: Classifier, pool: Path, cfg: SelectConfig) -> Selection:
 
 def pool_logits(model: Classifier, pool: Path, cfg: SelectConfig) -> torch.Tensor:
     """In memory: the logits of the whole pool, in infer's batches (so the same bits as the stream's)."""
-    return infer(model, torch.from_numpy(np.array(images_of(pool))), batch_size=cfg.batch_size, tta=cfg.tta)
+    return infer(
+        model, torch.from_numpy(np.array(images_of(pool))), batch_size=cfg.batch_size, tta=cfg.tta, runtime=CPU
+    )
 
 
 def npy_bytes(probs: torch.Tensor) -> bytes:
@@ -230,7 +229,7 @@ def test_pool_stream_equals_in_memory_reference(
     teacher: tuple[Classifier, Path], pool: Path, cfg: SelectConfig
 ) -> None:
     model, _ = teacher
-    got = select_pool(model, images_of(pool), cfg, 3)
+    got = select_pool(model, images_of(pool), cfg, 3, runtime=CPU)
     assert got is not None
     want = reference(model, pool, cfg)
     assert len(got[0]) > 0
@@ -249,7 +248,7 @@ def test_selected_rows_come_with_their_own_logits(
     teacher: tuple[Classifier, Path], pool: Path, cfg: SelectConfig
 ) -> None:
     model, _ = teacher
-    got = select_pool_logits(model, images_of(pool), cfg, 3)
+    got = select_pool_logits(model, images_of(pool), cfg, 3, runtime=CPU)
     assert got is not None
     (index, label, score), logits = got
     assert_same((index, label, score), reference(model, pool, cfg))
@@ -262,13 +261,13 @@ def test_selected_rows_come_with_their_own_logits(
 def test_tta_scores_the_pool(teacher: tuple[Classifier, Path], pool: Path) -> None:
     model, _ = teacher
     cfg = CFG.model_copy(update={"tta": "flip_translate"})
-    got = select_pool_logits(model, images_of(pool), cfg, 3)
+    got = select_pool_logits(model, images_of(pool), cfg, 3, runtime=CPU)
     assert got is not None
     (index, label, score), logits = got
     probs = pool_logits(model, pool, cfg).softmax(1)
     assert_same((index, label, score), select_topk(probs, cfg.top_k, cfg.top_p))
     assert torch.equal(logits, pool_logits(model, pool, cfg)[index])
-    plain = select_pool(model, images_of(pool), CFG, 3)
+    plain = select_pool(model, images_of(pool), CFG, 3, runtime=CPU)
     assert plain is not None and not torch.equal(score, plain[2]), "the views change the scores"
 
 
@@ -283,25 +282,25 @@ def test_resume_after_a_kill(teacher: tuple[Classifier, Path], pool: Path, tmp_p
             raise Killed
 
     with pytest.raises(Killed):
-        select_pool(model, images_of(pool), CFG, 3, state_dir=state, on_shard=die_after_3)
+        select_pool(model, images_of(pool), CFG, 3, state_dir=state, on_shard=die_after_3, runtime=CPU)
     saved = torch.load(state_file(state, 0, 1), weights_only=True)
     assert saved["last_shard"] == 2, "the state is saved before on_shard is told"
 
     resumed: list[int] = []
-    got = select_pool_logits(model, images_of(pool), CFG, 3, state_dir=state, on_shard=resumed.append)
+    got = select_pool_logits(model, images_of(pool), CFG, 3, state_dir=state, on_shard=resumed.append, runtime=CPU)
     assert resumed == [3, 4, 5], "the second run computes only the shards not yet finished"
     assert got is not None
-    want = select_pool_logits(model, images_of(pool), CFG, 3)  # an uninterrupted run
+    want = select_pool_logits(model, images_of(pool), CFG, 3, runtime=CPU)  # an uninterrupted run
     assert want is not None
     assert_same(got[0], want[0])
     assert npy_bytes(soft_targets(got[1])) == npy_bytes(soft_targets(want[1])), "the same soft targets, byte for byte"
 
     other: list[int] = []  # a state from another run (other params) is ignored and overwritten
     changed = CFG.model_copy(update={"top_k": 5})
-    got5 = select_pool(model, images_of(pool), changed, 3, state_dir=state, on_shard=other.append)
+    got5 = select_pool(model, images_of(pool), changed, 3, state_dir=state, on_shard=other.append, runtime=CPU)
     assert other == list(range(6))
     assert got5 is not None
-    assert_same(got5, select_pool(model, images_of(pool), changed, 3))
+    assert_same(got5, select_pool(model, images_of(pool), changed, 3, runtime=CPU))
     clear_state(state)
     assert not state.exists()
 
@@ -317,13 +316,13 @@ def test_resume_with_another_temperature(teacher: tuple[Classifier, Path], pool:
             raise Killed
 
     with pytest.raises(Killed):
-        select_pool_logits(model, images_of(pool), CFG, 3, state_dir=tmp_path, on_shard=die_after_2)
+        select_pool_logits(model, images_of(pool), CFG, 3, state_dir=tmp_path, on_shard=die_after_2, runtime=CPU)
     resumed: list[int] = []
     hot = CFG.model_copy(update={"temperature": 4.0})
-    got = select_pool_logits(model, images_of(pool), hot, 3, state_dir=tmp_path, on_shard=resumed.append)
+    got = select_pool_logits(model, images_of(pool), hot, 3, state_dir=tmp_path, on_shard=resumed.append, runtime=CPU)
     assert resumed == [2, 3, 4, 5]
     assert got is not None
-    want = select_pool_logits(model, images_of(pool), CFG, 3)
+    want = select_pool_logits(model, images_of(pool), CFG, 3, runtime=CPU)
     assert want is not None
     assert_same(got[0], want[0])
     assert torch.equal(got[1], want[1])
@@ -336,14 +335,14 @@ def test_state_without_the_logits_is_ignored(teacher: tuple[Classifier, Path], p
         raise Killed
 
     with pytest.raises(Killed):
-        select_pool(model, images_of(pool), CFG, 3, state_dir=tmp_path, on_shard=die)
+        select_pool(model, images_of(pool), CFG, 3, state_dir=tmp_path, on_shard=die, runtime=CPU)
     path = state_file(tmp_path, 0, 1)
     state = torch.load(path, weights_only=True)
     state["logits"]["index"] = state["logits"]["index"][1:]  # an image held without its logits
     state["logits"]["values"] = state["logits"]["values"][1:]
     torch.save(state, path)
     shards: list[int] = []
-    got = select_pool_logits(model, images_of(pool), CFG, 3, state_dir=tmp_path, on_shard=shards.append)
+    got = select_pool_logits(model, images_of(pool), CFG, 3, state_dir=tmp_path, on_shard=shards.append, runtime=CPU)
     assert shards == list(range(6)), "started afresh"
     assert got is not None
     assert torch.equal(got[1], pool_logits(model, pool, CFG)[got[0][0]])
@@ -351,17 +350,17 @@ def test_state_without_the_logits_is_ignored(teacher: tuple[Classifier, Path], p
 
 def test_state_of_another_model_is_ignored(teacher: tuple[Classifier, Path], pool: Path, tmp_path: Path) -> None:
     model, _ = teacher
-    select_pool(model, images_of(pool), CFG, 3, state_dir=tmp_path, on_shard=None)
+    select_pool(model, images_of(pool), CFG, 3, state_dir=tmp_path, on_shard=None, runtime=CPU)
     torch.manual_seed(1)
     other_model = create_model(ModelConfig(arch="resnet18"), 3).eval()
     shards: list[int] = []
-    select_pool(other_model, images_of(pool), CFG, 3, state_dir=tmp_path, on_shard=shards.append)
+    select_pool(other_model, images_of(pool), CFG, 3, state_dir=tmp_path, on_shard=shards.append, runtime=CPU)
     assert shards == list(range(6))
 
 
 def test_workflow_rows_carry_manifest_paths(teacher: tuple[Classifier, Path], pool: Path, tmp_path: Path) -> None:
     model, _ = teacher
-    out = pseudolabel(model, pool, CFG, ["a", "b", "c"], state_dir=tmp_path / "state")
+    out = pseudolabel(model, pool, CFG, ["a", "b", "c"], state_dir=tmp_path / "state", runtime=CPU)
     assert out is not None
     rows, counts, probs = out
     assert probs.shape == (len(rows), 3)
@@ -375,7 +374,7 @@ def test_workflow_rows_carry_manifest_paths(teacher: tuple[Classifier, Path], po
 def test_soft_targets_align_with_the_rows(teacher: tuple[Classifier, Path], pool: Path, tmp_path: Path) -> None:
     model, _ = teacher
     cfg = CFG.model_copy(update={"top_p": 1})
-    out = pseudolabel(model, pool, cfg, ["a", "b", "c"], state_dir=tmp_path / "state")
+    out = pseudolabel(model, pool, cfg, ["a", "b", "c"], state_dir=tmp_path / "state", runtime=CPU)
     assert out is not None
     rows, _, probs = out
     assert len(rows) > 0 and probs.dtype == torch.float32 and probs.shape == (len(rows), 3)
@@ -385,7 +384,7 @@ def test_soft_targets_align_with_the_rows(teacher: tuple[Classifier, Path], pool
     scores = torch.tensor([r["score"] for r in rows])
     torch.testing.assert_close(probs.gather(1, labels.view(-1, 1)).flatten(), scores, rtol=0, atol=1e-6)
 
-    hot = pseudolabel(model, pool, cfg.model_copy(update={"temperature": 3.0}), ["a", "b", "c"])
+    hot = pseudolabel(model, pool, cfg.model_copy(update={"temperature": 3.0}), ["a", "b", "c"], runtime=CPU)
     assert hot is not None
     assert hot[0] == rows, "the temperature does not change the selection"
     flat = hot[2]
@@ -425,17 +424,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sstl.models import load_checkpoint
-from sstl.pseudolabel import SelectConfig, select_pool_logits
-from sstl.runtime import distributed
+from sstl.config.pseudo import SelectConfig
+from sstl.models.checkpoint import load_checkpoint
+from sstl.pseudo.pool import select_pool_logits
+from sstl.runtime.device import CPU
+from sstl.runtime.distributed import distributed
 
 checkpoint, images, state, out, cfg = sys.argv[1:]
 model, _ = load_checkpoint(Path(checkpoint))
 with distributed() as (rank, size):
     assert size == 2, size
-    sel = select_pool_logits(
-        model, np.load(images, mmap_mode="r"), SelectConfig.model_validate_json(cfg), 3, state_dir=Path(state)
-    )
+    pool, select = np.load(images, mmap_mode="r"), SelectConfig.model_validate_json(cfg)
+    sel = select_pool_logits(model, pool, select, 3, state_dir=Path(state), runtime=CPU)
     if rank == 0:
         torch.save(sel, out)
     else:
@@ -464,7 +464,7 @@ def test_two_processes_select_as_one(teacher: tuple[Classifier, Path], pool: Pat
     assert state_file(state, 0, 2).is_file() and state_file(state, 1, 2).is_file(), "one state per rank"
     two = torch.load(out, weights_only=True)
     model, _ = load_checkpoint(checkpoint)  # the same weights, as the processes loaded them
-    one = select_pool_logits(model, images_of(pool), CFG, 3)
+    one = select_pool_logits(model, images_of(pool), CFG, 3, runtime=CPU)
     assert one is not None
     assert_same(tuple(two[0]), one[0])
     assert torch.equal(two[1], one[1]), "each process's kept logits merged on rank 0"

@@ -7,9 +7,14 @@ import copy
 import pytest
 import torch
 
-from sstl.dataset import ImageSet
-from sstl.models import ModelConfig, create_model
-from sstl.training import FitResult, Lookahead, TrainConfig, class_weights, fit, linear_factor, make_optimizer
+from sstl.config.model import ModelConfig
+from sstl.config.train import TrainConfig
+from sstl.data.dataset import ImageSet
+from sstl.models.factory import create_model
+from sstl.runtime.device import CPU
+from sstl.train.loop import FitResult, fit
+from sstl.train.optim import Lookahead, class_weights, linear_factor, make_optimizer
+from sstl.train.setup import FitSetup
 
 SIZE = 16
 SCHEDULE = TrainConfig(
@@ -38,7 +43,7 @@ def new_model(arch: str = "resnet18") -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def trained() -> tuple[torch.nn.Module, FitResult]:
     model = new_model()
-    return model, fit(model, TRAIN, VAL, SCHEDULE, num_classes=2, seed=0)
+    return model, fit(model, TRAIN, VAL, SCHEDULE, FitSetup(num_classes=2, seed=0, runtime=CPU))
 
 
 def test_history_rows(trained: tuple[torch.nn.Module, FitResult]) -> None:
@@ -68,7 +73,7 @@ def test_learns_separable_problem(trained: tuple[torch.nn.Module, FitResult]) ->
 def test_same_seed_same_history_and_weights(trained: tuple[torch.nn.Module, FitResult]) -> None:
     model_a, a = trained
     model_b = new_model()
-    b = fit(model_b, TRAIN, VAL, SCHEDULE, num_classes=2, seed=0)
+    b = fit(model_b, TRAIN, VAL, SCHEDULE, FitSetup(num_classes=2, seed=0, runtime=CPU))
 
     def strip(history: list[dict[str, float]]) -> list[dict[str, float]]:
         return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
@@ -85,7 +90,7 @@ def test_same_seed_same_history_and_weights(trained: tuple[torch.nn.Module, FitR
 def test_early_stopping(patience: int) -> None:
     # lr so small that no weight moves: the val loss never improves after the first epoch
     cfg = TrainConfig(head_epochs=6, epochs=0, lr=1e-30, batch_size=20, patience=patience, plateau_patience=0)
-    result = fit(new_model("mobilenet_v3_small"), TRAIN, VAL, cfg, num_classes=2, seed=0)
+    result = fit(new_model("mobilenet_v3_small"), TRAIN, VAL, cfg, FitSetup(num_classes=2, seed=0, runtime=CPU))
     assert len(result.history) == 1 + patience < cfg.head_epochs
     assert all(row["phase"] == 1 for row in result.history)
 
@@ -115,7 +120,7 @@ def test_class_weights_used_in_fit() -> None:
         torch.cat([torch.nonzero(TRAIN.labels == 0).flatten(), torch.nonzero(TRAIN.labels == 1).flatten()[:5]])
     )
     cfg = TrainConfig(head_epochs=1, epochs=0, lr=1e-3, class_weights=True, batch_size=32)
-    result = fit(new_model("mobilenet_v3_small"), train, VAL, cfg, num_classes=2, seed=0)
+    result = fit(new_model("mobilenet_v3_small"), train, VAL, cfg, FitSetup(num_classes=2, seed=0, runtime=CPU))
     assert len(result.history) == 1
 
 
@@ -183,7 +188,7 @@ def test_lookahead_pulls_weights_to_their_average() -> None:
 
 def test_linear_recipe_runs_every_epoch_and_keeps_the_last_weights() -> None:
     model = create_model(ModelConfig(arch="airbench_s", head_layers=0, dropout=0.0, widths=(8, 8, 8)), 2)
-    result = fit(model, TRAIN, VAL, AIRBENCH, num_classes=2, seed=0)
+    result = fit(model, TRAIN, VAL, AIRBENCH, FitSetup(num_classes=2, seed=0, runtime=CPU))
     assert len(result.history) == AIRBENCH.epochs  # patience 1 does not stop a linear schedule
     lrs = [row["lr"] for row in result.history]
     assert lrs[0] == pytest.approx(0.5 * 0.2)  # logged at the start of each epoch: the warm-up's first step
@@ -197,10 +202,10 @@ def test_soft_targets_drive_the_loss() -> None:
     flipped = torch.nn.functional.one_hot(1 - TRAIN.labels, 2).float()
     cfg = TrainConfig(head_epochs=0, epochs=4, finetune_lr=3e-3, unfreeze_blocks=100, batch_size=10, patience=10)
     model = new_model("convnet_s")
-    result = fit(model, TRAIN, VAL, cfg, num_classes=2, seed=0, targets=flipped)
+    result = fit(model, TRAIN, VAL, cfg, FitSetup(num_classes=2, seed=0, targets=flipped, runtime=CPU))
     assert result.history[-1]["train_acc"] < 0.2  # trained toward the flipped targets
     model_hard = new_model("convnet_s")
-    hard = fit(model_hard, TRAIN, VAL, cfg, num_classes=2, seed=0)
+    hard = fit(model_hard, TRAIN, VAL, cfg, FitSetup(num_classes=2, seed=0, runtime=CPU))
     assert hard.history[-1]["train_acc"] > 0.8
 
 
@@ -209,5 +214,11 @@ def test_sgd_without_momentum_is_plain_sgd() -> None:
     model = create_model(ModelConfig(arch="airbench_s", head_layers=0, dropout=0.0, widths=(8, 8, 8)), 2)
     opt = make_optimizer(model, AIRBENCH.model_copy(update={"momentum": 0.0}), 0.5)
     assert opt.defaults["momentum"] == 0.0 and not opt.defaults["nesterov"]
-    result = fit(model, TRAIN, VAL, AIRBENCH.model_copy(update={"momentum": 0.0, "epochs": 1}), num_classes=2, seed=0)
+    result = fit(
+        model,
+        TRAIN,
+        VAL,
+        AIRBENCH.model_copy(update={"momentum": 0.0, "epochs": 1}),
+        FitSetup(num_classes=2, seed=0, runtime=CPU),
+    )
     assert len(result.history) == 1

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import sstl.transforms as transforms
-from sstl.transforms import AIRBENCH, AugmentConfig, augment_batch, augmenter, hole_sides, strong_augment
+import sstl.data.transforms as transforms
+from sstl.config.train import AIRBENCH, AugmentConfig
+from sstl.data.transforms import augment_batch, augmenter, hole_sides, strong_augment
 
 SIZE = 24
 OFF = {

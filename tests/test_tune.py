@@ -8,9 +8,11 @@ from typing import Any
 import pytest
 from skopt.space import Categorical, Integer, Real
 
-from sstl.errors import SstlError
+from sstl.config.train import SpaceEntry
+from sstl.core.errors import SstlError
 from sstl.params import TeacherParams, parse_params
-from sstl.tune import SpaceEntry, best_params, search
+from sstl.runtime.device import CPU
+from sstl.train.tune import best_params, search
 
 SPACE = {
     "x": SpaceEntry(low=0.0, high=0.9),
@@ -145,12 +147,13 @@ def test_a_diverged_trial_is_scored_as_the_worst_and_the_search_goes_on(
     import torch
     from test_training import TRAIN, VAL
 
-    from sstl import tracking, workflow
+    from sstl.pipeline import tune as workflow
+    from sstl.track import tracking
 
     real_fit = workflow.fit
 
     def fit_poisoning_trial_1(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if kwargs["desc"] == "trial 1":
+        if args[3].desc == "trial 1":  # (train, val, cfg, setup)
             with torch.no_grad():
                 next(model.head.parameters()).fill_(math.nan)
         return real_fit(model, *args, **kwargs)
@@ -161,7 +164,7 @@ def test_a_diverged_trial_is_scored_as_the_worst_and_the_search_goes_on(
     )
     space = {"lr": SpaceEntry(low=0.001, high=0.01, prior="log-uniform")}
     with tracking.stage_run("tune", "test-tune-divergence", {}):
-        rows = workflow.tune_teacher(teacher, space, TRAIN, VAL, num_classes=2, trials=(3, 0), seed=0)
+        rows = workflow.tune_teacher(teacher, space, TRAIN, VAL, num_classes=2, trials=(3, 0), seed=0, runtime=CPU)
     assert [r["trial"] for r in rows] == [0, 1, 2]
     assert math.isnan(rows[1]["val_loss"]) and rows[1]["val_acc"] == 0.0
     assert all(math.isfinite(rows[i]["val_loss"]) for i in (0, 2))

@@ -14,8 +14,8 @@ from PIL import Image
 from timm.data import ImageNetInfo, create_transform, resolve_data_config
 from timm.models import get_pretrained_cfg
 
-from sstl.errors import SstlError
-from sstl.weights import imagenet_state_dict, lite_to_timm, package_weights, verify_sha256
+from sstl.core.errors import SstlError
+from sstl.models.weights import imagenet_state_dict, lite_to_timm, package_weights, verify_sha256
 
 PHOTOS = Path(__file__).parent / "data" / "photos"
 LITES = ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"]

@@ -12,17 +12,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sstl.corruptions import CorruptConfig
-from sstl.errors import ParamsError, SstlError
-from sstl.inference import TTA_HELP, Tta
-from sstl.models import ModelConfig, check_arch, data_config
-from sstl.neardup import NearDupConfig
-from sstl.pretrain import PretrainConfig
-from sstl.pseudolabel import SelectConfig
-from sstl.runtime import DEVICE_HELP, Precision, Runtime, make_runtime
-from sstl.training import TrainConfig
-from sstl.transforms import AugmentConfig
-from sstl.tune import SpaceEntry
+from sstl.config.data import CorruptConfig, NearDupConfig
+from sstl.config.model import ModelConfig
+from sstl.config.pseudo import SelectConfig
+from sstl.config.runtime import DEVICE_HELP, TTA_HELP, Precision, Tta
+from sstl.config.train import AugmentConfig, PretrainConfig, SpaceEntry, TrainConfig
+from sstl.core.errors import ParamsError, SstlError
+from sstl.models.factory import check_arch, data_config
+from sstl.runtime.device import Runtime, make_runtime
 
 
 def _arch(v: str) -> str:
@@ -65,7 +62,7 @@ class DemoParams(Strict):
 
 
 class PrecisionParams(Strict):
-    """fp32, bf16 or fp16 (GPU only) autocast (see sstl.runtime), chosen apart for training and for
+    """fp32, bf16 or fp16 (GPU only) autocast (see sstl.runtime.device), chosen apart for training and for
     inference: in inference it changes no decision worth counting; in training it costs some accuracy
     (reports/benchmarks/precision.md)."""
 

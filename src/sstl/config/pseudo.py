@@ -1,0 +1,26 @@
+"""How pseudo-labels are selected from the teacher's predictions on the pool (torch-free)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from sstl.config.runtime import TTA_HELP, Tta
+
+
+class SelectConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["topk", "threshold"] = "topk"
+    threshold: float = Field(0.9, ge=0.0, le=1.0, description="tau for method=threshold")
+    top_k: int = Field(100, ge=1, description="K images per class for method=topk")
+    top_p: int = Field(1, ge=1, description="P classes per image for method=topk")
+    batch_size: int = Field(256, ge=1)
+    shard_size: int = Field(
+        8192, ge=1, description="images per shard: the unit of resume (state saved after each) and of work per process"
+    )
+    tta: Tta = Field("none", description=TTA_HELP)
+    temperature: float = Field(
+        1.0, gt=0.0, description="softmax temperature of the soft targets (pseudo_files().probs); not of the selection"
+    )

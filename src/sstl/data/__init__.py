@@ -1,0 +1,1 @@
+"""Layer data: photo folders (scan, inventory, prepare), packed sets, near-duplicates, corruptions, augmentation."""

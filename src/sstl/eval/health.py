@@ -1,0 +1,63 @@
+"""Runs that go wrong quietly, made loud: a collapsed model, a pretext at chance, a student below its
+teacher. Every check looks at validation data only; which model to use is chosen on val, never test.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+
+import torch
+
+COLLAPSE_SHARE = 0.9  # one class taking >= 90% of val predictions, where the truth is far more even
+
+
+ORDER = ("teacher", "student", "finetuned")  # one round; each model should do at least as well on val as the one before
+
+
+def collapse(predictions: Sequence[int], labels: torch.Tensor, classes: Sequence[str]) -> str | None:
+    """The warning for a model that predicts (nearly) one class on val, or None."""
+    if len(predictions) == 0 or len(classes) < 2:
+        return None
+    counts = torch.bincount(torch.as_tensor(predictions), minlength=len(classes))
+    top = int(counts.argmax())
+    share = float(counts[top]) / len(predictions)
+    truth = float(torch.bincount(labels, minlength=len(classes)).max()) / max(len(labels), 1)
+    if share >= COLLAPSE_SHARE and share - truth >= 0.25:
+        return f"collapsed: {share:.0%} of val predictions are '{classes[top]}' (its true share is at most {truth:.0%})"
+    return None
+
+
+def at_chance(accuracy: float, num_classes: int, *, margin: float = 0.05) -> str | None:
+    """The warning for an accuracy within `margin` of guessing among `num_classes`, or None."""
+    chance = 1.0 / num_classes
+    if accuracy <= chance + margin:
+        return f"at chance: val accuracy {accuracy:.3f} against {chance:.3f} for guessing among {num_classes}"
+    return None
+
+
+def check_models(
+    val_accuracy: Mapping[str, float], collapses: Mapping[str, str | None], *, order: Sequence[str] = ORDER
+) -> list[str]:
+    """Warnings over the pipeline's models: collapses, and a model below the one it was built from
+    (`order`: the pipeline's, e.g. teacher, each round's student, finetuned)."""
+    warnings = [f"{name}: {msg}" for name, msg in collapses.items() if msg]
+    present = [m for m in order if m in val_accuracy]
+    for before, after in zip(present, present[1:], strict=False):
+        if val_accuracy[after] < val_accuracy[before]:
+            warnings.append(f"{after} below {before} on val: {val_accuracy[after]:.4f} < {val_accuracy[before]:.4f}")
+    return warnings
+
+
+def recommend(val_accuracy: Mapping[str, float], *, order: Sequence[str] = ORDER) -> str:
+    """The model to use: highest val accuracy; ties go to the later model of `order` (the pipeline's goal)."""
+    if not val_accuracy:
+        return order[-1]
+    rank = {m: i for i, m in enumerate(order)}
+    return max(val_accuracy, key=lambda m: (round(val_accuracy[m], 6), rank.get(m, -1)))
+
+
+def warn(stage: str, messages: Sequence[str]) -> None:
+    """Loud, on stderr, one line each: DVC shows it, the run still writes its outputs."""
+    for msg in messages:
+        print(f"WARNING [{stage}]: {msg}", file=sys.stderr)

@@ -1,0 +1,111 @@
+"""The Classifier (backbone -> pooled features -> MLP head) and the helpers that set which of its blocks train."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sstl.config.model import DataConfig, ModelConfig
+from sstl.models.architectures import Whiten
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+class Classifier(nn.Module):
+    """backbone (N, 3, H, W) -> (N, D) pooled features -> head -> (N, C) logits.
+
+    `blocks` are the backbone's module groups, stem first, top last: what transfer learning freezes
+    and unfreezes (not registered twice: they are views into `backbone`). `data` says how to turn
+    uint8 pixels into the backbone's input (`preprocess`), so training, inference and `predict`
+    cannot normalise differently.
+    """
+
+    def __init__(self, backbone: nn.Module, blocks: list[nn.Module], head: nn.Module, data: DataConfig) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.data = data
+        self.blocks: tuple[nn.Module, ...] = tuple(blocks)  # a plain attribute: state_dict holds them once
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
+        self.register_buffer("mean", torch.tensor(data.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(data.std).view(1, 3, 1, 1), persistent=False)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, H, W, 3), on any device -> float32 (N, 3, H, W) normalised on the model's device;
+        (N, 3, S, S) when `data.resize` is S."""
+        x = images.to(self.mean.device, non_blocking=self.mean.is_cuda).permute(0, 3, 1, 2).float().div_(255.0)
+        x = (x - self.mean) / self.std
+        side = self.data.resize
+        if side is None or x.shape[-2:] == (side, side):
+            return x
+        # after augmentation and normalisation: the batched uint8 augmentation runs at the packed size
+        return F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=x.shape[-1] > side)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) normalised images -> (N, D) pooled features."""
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def make_head(in_dim: int, num_classes: int, cfg: ModelConfig) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    width = in_dim
+    for _ in range(cfg.head_layers):
+        layers += [nn.Dropout(cfg.dropout), nn.Linear(width, cfg.hidden_size), ACTIVATIONS[cfg.activation]()]
+        width = cfg.hidden_size
+    layers += [nn.Dropout(cfg.dropout), nn.Linear(width, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def set_trainable(model: Classifier, unfreeze_blocks: int) -> None:
+    """Freeze the backbone but its top `unfreeze_blocks` blocks; the head always trains."""
+    n = len(model.blocks)
+    model.backbone.requires_grad_(unfreeze_blocks >= n)  # all blocks: loose parameters (ViT's tokens) too
+    for i, block in enumerate(model.blocks):
+        block.requires_grad_(i >= n - unfreeze_blocks)
+    model.head.requires_grad_(True)
+
+
+def train_mode(model: Classifier, unfreeze_blocks: int, *, freeze_bn: bool = False) -> None:
+    """model.train(), but frozen blocks stay in eval mode so their BatchNorm statistics hold still;
+    with `freeze_bn` every BatchNorm does (a small batch of augmented photos estimates them badly)."""
+    model.train()
+    n = len(model.blocks)
+    for i, block in enumerate(model.blocks):
+        if i < n - unfreeze_blocks:
+            block.eval()
+    if freeze_bn:
+        for m in model.backbone.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def model_digest(model: nn.Module) -> str:
+    """sha256 of the weights (names, dtypes, shapes, bytes): which network scored or featured a set."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def fit_whitening(model: nn.Module, images: torch.Tensor) -> bool:
+    """Set every not yet fitted `Whiten` layer of `model` from uint8 images (N, H, W, 3) (at most 5,000 are
+    used); whether there was one. Weights loaded from a checkpoint or a pretext stage are kept."""
+    layers = [m for m in model.modules() if isinstance(m, Whiten) and not bool(m.ready)]
+    if not layers:
+        return False
+    x = images[:5000].permute(0, 3, 1, 2).float().div(255.0)
+    if isinstance(model, Classifier):
+        x = (x - model.mean.cpu()) / model.std.cpu()
+    for layer in layers:
+        device = layer.weight.device
+        layer.cpu().fit(x)
+        layer.to(device)
+    return True

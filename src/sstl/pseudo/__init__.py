@@ -1,0 +1,1 @@
+"""Layer pseudo: pseudo-label selection over the unlabelled pool, streamed, resumable, class-balanced."""

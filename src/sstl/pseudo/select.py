@@ -1,0 +1,74 @@
+"""Pseudo-labels: the teacher's softmax over the unlabelled pool, then a selection rule.
+
+`threshold`: keep images whose top probability is >= tau.
+`topk` (Yalniz et al. 2019): keep each image's top-P classes, then per class the K images with the
+highest probability for it: a balanced set even when the teacher favours some classes.
+
+`select_topk` / `select_threshold` work on all probabilities in memory (the reference);
+`select_pool` streams a pool of any size: shards of `shard_size` images read from the memory-mapped
+array, fed to the bounded accumulators of `sstl.pseudo.stream`, the state saved after each shard so that
+a killed run resumes, and the shards dealt round-robin to torchrun processes (see README).
+
+Soft pseudo-labels: beside the accumulator, the logits of the images it still holds are kept
+(`sstl.pseudo.stream.Rows`, in the resume state too), so `select_pool_logits` gives each selected image's
+whole distribution from the same single pass over the pool; `soft_targets(logits, temperature)` =
+softmax(logits / temperature). The selection itself always uses the plain softmax (temperature 1).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+
+class PseudoFiles(NamedTuple):
+    """One teacher's pseudo-labels: the pseudolabel stage writes them, its round's student reads them."""
+
+    labels: Path  # the selected rows: index, path, label, label_index, score
+    probs: Path  # float32 (rows, classes): row i's soft label, softmax(logits / temperature)
+    counts: Path  # pseudo-labels per class
+    summary: Path  # pool size, selected, mean score
+    state: Path  # the streaming selection's resume state: git-ignored, not a DVC output
+
+
+def pseudo_files(teacher: str) -> PseudoFiles:
+    """Where the pseudo-labels of model `teacher` (models/<teacher>.pt) go: one set per round."""
+    return PseudoFiles(
+        Path(f"data/pseudolabels/{teacher}.csv"),
+        Path(f"data/pseudolabels/{teacher}.npy"),
+        Path(f"reports/pseudolabel/{teacher}/counts.csv"),
+        Path(f"reports/pseudolabel/{teacher}/summary.json"),
+        Path(f".sstl-state/pseudolabel/{teacher}"),
+    )
+
+
+def select_threshold(probs: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """probs (N, C) -> (index (M,), label (M,), score (M,)) of images with max prob >= tau."""
+    score, label = probs.max(dim=1)
+    index = torch.nonzero(score >= tau).flatten()
+    return index, label[index], score[index]
+
+
+def select_topk(probs: torch.Tensor, k: int, p: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """probs (N, C) -> (index, label, score), at most k per class, ordered by class then score.
+
+    An image competes only for its own top-p classes, so with p > 1 it may be chosen for several.
+    """
+    n, c = probs.shape
+    top_classes = probs.topk(min(p, c), dim=1).indices  # (N, P)
+    eligible = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, top_classes, True)
+    scores = probs.masked_fill(~eligible, -1.0)  # (N, C); -1 marks "not a candidate"
+    score, index = scores.topk(min(k, n), dim=0)  # (K, C), sorted high to low per class
+    label = torch.arange(c).expand_as(index)
+    keep = score >= 0
+    # column-major flattening: class 0's picks first, each class best-first
+    return index.T[keep.T], label.T[keep.T], score.T[keep.T]
+
+
+def soft_targets(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Logits (M, C) -> float32 softmax(logits / temperature): the soft pseudo-labels, rows summing to 1."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return (logits.float() / temperature).softmax(1)

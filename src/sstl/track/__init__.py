@@ -1,0 +1,1 @@
+"""Layer track: MLflow runs, the model registry and the served pyfunc model."""
