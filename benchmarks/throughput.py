@@ -8,7 +8,7 @@ Same model, same images (CIFAR-10 JPEGs from ../shared, 32 px):
 - synthetic: the same model fed a pre-made float tensor (the ceiling: no data path at all);
 - naive: torchvision ImageFolder + PIL transforms + DataLoader (what a user would write first);
 - variants of the sstl path: channels-last, bf16 autocast, torch.compile;
-- the student's augmented path (training only), fp32 and bf16: `sstl.transforms.augmenter`, its
+- the student's augmented path (training only), fp32 and bf16: `sstl.data.transforms.augmenter`, its
   per-image albumentations part on the host then its batched part (flip, translate, cutout), as
   `training.image_inputs` runs it; with the batched-only config (the issue's target: >= 0.9 of
   synthetic) and with the heavy one (crop, rotation, colour, blur/noise per image) for comparison.
@@ -284,7 +284,7 @@ def render(records: list[dict]) -> str:
         f"With bf16 autocast on both sides, the packed path reaches {bf16['train']:.2f} (training) and "
         f"{bf16['infer']:.2f} (inference) of the synthetic throughput (target ≥ 0.9).",
         "",
-        "The student's augmented training path (`sstl.transforms.augmenter`: albumentations per image on the "
+        "The student's augmented training path (`sstl.data.transforms.augmenter`: albumentations per image on the "
         "host for crop, rotation, colour, blur/noise, then flip, translation and cutout batched on the "
         "device) against the synthetic throughput of the same precision "
         f"(target ≥ {m['student_augment_target']} for the batched-only config):",

@@ -18,12 +18,12 @@ from sstl.core.files import write_csv, write_json
 from sstl.data.dataset import load_classes, load_split
 from sstl.params import load_params
 from sstl.pipeline.stage import add_paths, parse_paths, stage_main
-from sstl.pipeline.tune import tune_teacher
+from sstl.pipeline.train import FEATURES
+from sstl.pipeline.tune import TeacherSearch, tune_teacher
 from sstl.track import tracking
 from sstl.train.pretrain import resolve_weights
 from sstl.train.tune import best_params
 
-FEATURES = Path(".sstl-state/features")
 STATE = Path(".sstl-state/tune")
 
 
@@ -44,19 +44,17 @@ def main() -> None:
             write_json(args.best, {})
             print("tune: disabled (tune.enabled: false): the teacher keys are used as given")
             return
-        trials = tune_teacher(
-            resolve_weights(p.teacher, args.pretrain),
-            p.tune.space,
-            labeled,
-            val,
-            num_classes=len(classes),
+        job = TeacherSearch(
+            teacher=resolve_weights(p.teacher, args.pretrain),
+            space=p.tune.space,
             trials=(p.tune.n_random, p.tune.n_guided),
+            num_classes=len(classes),
             seed=p.seed,
             runtime=runtime,
             frozen_backbone=p.tune.frozen_backbone,
-            feature_cache=FEATURES,
-            state_dir=STATE,  # finished trials + the running trial's epochs: resume after a kill
         )
+        # finished trials + the running trial's epochs: resume after a kill
+        trials = tune_teacher(job, labeled, val, feature_cache=FEATURES, state_dir=STATE)
         best = best_params(trials, list(p.tune.space))
         write_csv(args.trials, trials)
         write_csv(args.convergence, [{k: t[k] for k in ("trial", "val_loss", "best_so_far")} for t in trials])

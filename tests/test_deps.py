@@ -48,6 +48,32 @@ def test_closure_follows_lazy_and_transitive_imports_and_skips_the_rest(tmp_path
     ]
 
 
+def test_a_module_deep_in_a_subpackage_brings_every_package_init_above_it(tmp_path: Path) -> None:
+    # importing sstl.train.loop runs sstl/__init__.py and sstl/train/__init__.py first; `from sstl.data
+    # import dataset` names a module, and its own package's __init__ counts too
+    _package(
+        tmp_path,
+        {
+            "stages/go.py": "from sstl.train.loop import fit\n",
+            "src/sstl/__init__.py": "",
+            "src/sstl/train/__init__.py": '"""Layer train."""\n',
+            "src/sstl/train/loop.py": "from sstl.data import dataset\n\ndef fit():\n    return dataset\n",
+            "src/sstl/data/__init__.py": "",
+            "src/sstl/data/dataset.py": "X = 1\n",
+            "src/sstl/data/other.py": "Y = 2\n",
+            "src/sstl/eval/__init__.py": "",
+        },
+    )
+    assert code_deps(tmp_path / "stages/go.py", tmp_path) == [
+        "src/sstl/__init__.py",
+        "src/sstl/data/__init__.py",
+        "src/sstl/data/dataset.py",
+        "src/sstl/train/__init__.py",
+        "src/sstl/train/loop.py",
+        "stages/go.py",
+    ]
+
+
 def test_a_new_import_is_drift_and_sstl_deps_fixes_it_keeping_comments(tmp_path: Path, monkeypatch) -> None:
     for item in ("stages", "src"):
         shutil.copytree(ROOT / item, tmp_path / item, ignore=shutil.ignore_patterns("__pycache__"))
@@ -75,15 +101,15 @@ def test_a_foreach_stage_is_checked_and_fixed_in_its_do_template(tmp_path: Path)
     for item in ("stages", "src"):
         shutil.copytree(ROOT / item, tmp_path / item, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
-    assert "foreach" in yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]["student"]  # rounds
+    assert "foreach" in yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]["pseudolabel"]  # rounds
     (tmp_path / "src/sstl/extra.py").write_text("Y = 2\n")
-    student = tmp_path / "stages/student.py"
-    student.write_text(student.read_text() + "\nfrom sstl.extra import Y  # noqa: E402\n")
-    assert drift(tmp_path / "dvc.yaml") == {"student": (["src/sstl/extra.py"], [])}
-    assert write_deps(tmp_path / "dvc.yaml") == ["student"]
+    script = tmp_path / "stages/pseudolabel.py"
+    script.write_text(script.read_text() + "\nfrom sstl.extra import Y  # noqa: E402\n")
+    assert drift(tmp_path / "dvc.yaml") == {"pseudolabel": (["src/sstl/extra.py"], [])}
+    assert write_deps(tmp_path / "dvc.yaml") == ["pseudolabel"]
     stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
-    assert "src/sstl/extra.py" in stages["student"]["do"]["deps"]
-    assert "models/${item.student}.pt" in stages["student"]["do"]["outs"]  # the rest of the template kept
+    assert "src/sstl/extra.py" in stages["pseudolabel"]["do"]["deps"]
+    assert "data/pseudolabels/${item.teacher}.csv" in stages["pseudolabel"]["do"]["outs"]  # the template kept
     assert drift(tmp_path / "dvc.yaml") == {}
 
 

@@ -175,16 +175,27 @@ def test_queue_larger_than_the_pool_and_same_names(checkpoint: Path, photos: Pat
     assert sum(Path(r["image"]).name.startswith("same-") for r in rows) == 2
 
 
-def test_queue_refuses_a_non_empty_folder_unless_forced(checkpoint: Path, photos: Path, tmp_path: Path) -> None:
+def test_force_replaces_only_a_queue_label_queue_wrote(checkpoint: Path, photos: Path, tmp_path: Path) -> None:
     out = tmp_path / "queue"
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
-    code, _, stderr = queue(checkpoint, photos, "--n", "3", "--out", str(out))
+    for force in ([], ["--force"]):  # a folder of anything else is never replaced, --force or not
+        code, _, stderr = queue(checkpoint, photos, "--n", "3", "--out", str(out), *force)
+        one_line_error(code, stderr)
+        assert "label-queue did not write" in stderr and os.listdir(out) == ["mine.txt"]
+    before = sorted(p.relative_to(photos) for p in photos.rglob("*"))
+    code, _, stderr = queue(checkpoint, photos, "--n", "3", "--out", str(photos), "--force")  # the photos themselves
     one_line_error(code, stderr)
-    assert "--force" in stderr and os.listdir(out) == ["mine.txt"]
-    assert queue(checkpoint, photos, "--n", "3", "--out", str(out), "--force")[0] == 0
-    assert sorted(os.listdir(out)) == ["images", "queue.csv"]
-    assert sorted(os.listdir(tmp_path)) == ["photos", "queue"]
+    assert sorted(p.relative_to(photos) for p in photos.rglob("*")) == before
+    fresh = tmp_path / "fresh"
+    assert queue(checkpoint, photos, "--n", "3", "--out", str(fresh))[0] == 0
+    code, _, stderr = queue(checkpoint, photos, "--n", "3", "--out", str(fresh))  # an earlier queue: only with --force
+    one_line_error(code, stderr)
+    assert "--force" in stderr
+    assert queue(checkpoint, photos, "--n", "2", "--out", str(fresh), "--force")[0] == 0
+    assert sorted(os.listdir(fresh)) == [".sstl-label-queue", "images", "queue.csv"]
+    assert len(read_queue(fresh / "queue.csv")) == 2
+    assert sorted(os.listdir(tmp_path)) == ["fresh", "photos", "queue"]
 
 
 def test_queue_bad_inputs_are_one_line_and_write_nothing(checkpoint: Path, photos: Path, tmp_path: Path) -> None:

@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 import yaml
 from pydantic import ValidationError
+from typer.testing import CliRunner
 
+from sstl.cli.app import app
 from sstl.config.train import SpaceEntry
 from sstl.core.errors import ParamsError, SstlError
 from sstl.models.architectures import ARCHS
@@ -210,6 +212,17 @@ def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
     assert "\n" not in msg
     assert "line 4" in msg
     assert str(path) in msg
+
+
+def test_a_key_given_twice_is_one_line_naming_both_lines(tmp_path: Path) -> None:
+    # PyYAML would keep the second silently, and DVC fail on it later in its own dozen lines
+    path = tmp_path / "params.yaml"
+    path.write_text("seed: 42\nteacher:\n  lr: 0.1\n  epochs: 3\n  lr: 0.2\n", encoding="utf-8")
+    with pytest.raises(ParamsError) as info:
+        load_params(path)
+    assert str(info.value) == f"{path}: key 'lr' appears twice (lines 3 and 5): keep one"
+    res = CliRunner().invoke(app, ["check", "--params", str(path)])
+    assert res.exit_code == 2 and res.output.strip().splitlines() == [f"error: {info.value}"]
 
 
 def test_unclosed_bracket_yaml(tmp_path: Path) -> None:

@@ -735,3 +735,15 @@ def test_lazy_split_subsets_like_the_eager_one_and_never_writes_the_file(folder:
     lazy.images[0].fill_(7)  # writable (torch needs it), private to this process
     assert sha(out / "unlabeled.npy") == before
     assert not torch.equal(load_split(out, "unlabeled").images[0], lazy.images[0])
+
+
+@pytest.mark.parametrize("kind", ["absent", "file"])
+def test_a_data_folder_that_is_no_folder_is_named_with_the_fix(tmp_path: Path, kind: str) -> None:
+    target = tmp_path / "photos.zip"
+    if kind == "file":
+        target.write_bytes(b"PK\x03\x04")  # an archive given where the folder goes
+    with pytest.raises(SstlError) as info:
+        prepare_folder(target, tmp_path / "prepared", image_size=SIZE, val_fraction=0.25, seed=0)
+    said = "is a file, not a folder" if kind == "file" else "not found"
+    assert f"data folder {target} {said}" in str(info.value) and "set data.folder" in str(info.value)
+    assert not (tmp_path / "prepared").exists()  # nothing half-written

@@ -184,7 +184,8 @@ def _listening(port: int) -> set[str]:
     return found
 
 
-def test_sstl_ui_binds_loopback_and_stopping_it_stops_its_workers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP], ids=["kill", "terminal-closed"])
+def test_sstl_ui_binds_loopback_and_stopping_it_stops_its_workers(tmp_path: Path, stop: signal.Signals) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -202,7 +203,7 @@ def test_sstl_ui_binds_loopback_and_stopping_it_stops_its_workers(tmp_path: Path
                 time.sleep(0.5)
         assert _listening(port) == {"0100007F"}  # 127.0.0.1 only
         group = os.getpgid(_children(cli.pid)[0])
-        cli.send_signal(signal.SIGTERM)
+        cli.send_signal(stop)
         assert cli.wait(timeout=30) == 0
         with pytest.raises(ProcessLookupError):
             os.killpg(group, 0)  # no worker left behind
@@ -210,6 +211,29 @@ def test_sstl_ui_binds_loopback_and_stopping_it_stops_its_workers(tmp_path: Path
     finally:
         if cli.poll() is None:
             cli.kill()
+
+
+@pytest.mark.parametrize("command", ["ui", "serve"])
+def test_a_taken_port_is_one_line_and_a_failure(tmp_path: Path, command: str) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        (tmp_path / "params.yaml").write_text("mlflow: {model_name: sstl}\n")
+        env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+        res = subprocess.run(
+            [sys.executable, "-m", "sstl.cli", command, "--port", str(port)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines() == [
+        f"error: port {port} on 127.0.0.1 is in use: stop what holds it, or pass --port"
+    ]
+    assert "http://" not in res.stdout  # no URL promised for a server that never started
 
 
 def _children(pid: int) -> list[int]:

@@ -164,7 +164,8 @@ def test_a_diverged_trial_is_scored_as_the_worst_and_the_search_goes_on(
     )
     space = {"lr": SpaceEntry(low=0.001, high=0.01, prior="log-uniform")}
     with tracking.stage_run("tune", "test-tune-divergence", {}):
-        rows = workflow.tune_teacher(teacher, space, TRAIN, VAL, num_classes=2, trials=(3, 0), seed=0, runtime=CPU)
+        job = workflow.TeacherSearch(teacher=teacher, space=space, trials=(3, 0), num_classes=2, seed=0, runtime=CPU)
+        rows = workflow.tune_teacher(job, TRAIN, VAL)
     assert [r["trial"] for r in rows] == [0, 1, 2]
     assert math.isnan(rows[1]["val_loss"]) and rows[1]["val_acc"] == 0.0
     assert all(math.isfinite(rows[i]["val_loss"]) for i in (0, 2))

@@ -93,3 +93,22 @@ def test_the_workflows_own_commands_run_in_a_tiny_repo(workflow: dict, tmp_path:
     res = _bash(repo, _local(check))
     assert res.returncode == 1 and "evaluate" in res.stdout
     assert res.stderr.strip().splitlines()[-1].startswith("error: the pipeline is not up to date")
+
+
+TESTS = ROOT / ".github/workflows/test.yml"
+
+
+def test_the_test_workflow_runs_the_readmes_commands_on_push_and_pull_request() -> None:
+    tests = yaml.safe_load(TESTS.read_text())
+    on = tests.get("on", tests.get(True))  # YAML 1.1 reads the key `on` as true
+    assert "push" in on and "pull_request" in on
+    readme = (ROOT / "README.md").read_text()
+    runs = [step["run"] for step in steps(tests) if "run" in step]
+    install = [r for r in runs if "pip install" in r]
+    assert len(install) == 1 and install[0].strip() in readme
+    test_command = re.search(r"^(python -m pytest)\s+#", readme, re.M)
+    assert test_command, "the README shows the test command"
+    assert runs[-1].strip().endswith(". .venv/bin/activate && " + test_command[1])
+    for step in steps(tests):
+        if "uses" in step:
+            assert PINNED.match(step["uses"]), f"{step['uses']}: pin a version (@v4) or a commit"

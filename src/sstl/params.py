@@ -303,11 +303,27 @@ def load_params(path: Path | str = "params.yaml") -> Params:
     return parse_params(read_yaml(path), str(path))
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys without a word (DVC then fails in its own way): refuse them."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise ParamsError(f"key {key!r} appears twice (lines {seen[key]} and {line}): keep one")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path) -> Any:
-    """A YAML file's content; a syntax error is one ParamsError naming the line at fault and its text."""
+    """A YAML file's content; a syntax error or a key given twice is one ParamsError naming the line."""
     text = path.read_text(encoding="utf-8")
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeys)  # a SafeLoader
+    except ParamsError as err:
+        raise ParamsError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML{_where(err, text)}: fix the syntax") from None
 

@@ -19,7 +19,7 @@ import typer
 import yaml
 
 from sstl.cli.dvc import PARAMS, before_dvc, dvc, dvc_env, status_check
-from sstl.cli.servers import run_server
+from sstl.cli.servers import check_port, run_server
 from sstl.core.errors import SstlError
 from sstl.runtime.device import CPU
 
@@ -37,14 +37,9 @@ app = typer.Typer(
 
 
 exp_app = typer.Typer(help="DVC experiments: run with -S overrides, compare in a table.", no_args_is_help=True)
-
-
 app.add_typer(exp_app, name="exp")
 
-
 METRICS = Path("reports/metrics.json")
-
-
 ENVIRONMENT = Path("reports/environment.json")  # not a DVC output: host-dependent
 
 
@@ -257,10 +252,12 @@ def ui(
     """Open the MLflow UI on this project's store: one run per stage, grouped per pipeline execution."""
     from sstl.track.tracking import tracking_uri
 
-    uri = tracking_uri()
-    typer.echo(f"MLflow UI for {uri} at http://{host}:{port} (Ctrl+C to stop)")
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
-    _exit(run_server(cmd))
+    with user_errors():
+        check_port(host, port)
+        uri = tracking_uri()
+        typer.echo(f"MLflow UI for {uri} at http://{host}:{port} (Ctrl+C to stop)")
+        cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+        _exit(run_server(cmd))
 
 
 @app.command()
@@ -285,6 +282,7 @@ def serve(
                     "mlflow.model_name is null in params.yaml: set it, or pass --model models:/<name>@<alias>"
                 )
             model = f"models:/{name}@{CHAMPION}"
+        check_port(host, port)
         typer.echo(f"serving {model} from {tracking_uri()} at http://{host}:{port}/invocations (Ctrl+C to stop)")
         cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model, "--env-manager", "local"]
         cmd += ["--host", host, "--port", str(port), "--workers", "1"]

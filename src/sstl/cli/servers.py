@@ -2,32 +2,52 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
+import socket
 import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    pass
+from sstl.core.errors import SstlError
+
+STOPS = (signal.SIGTERM, signal.SIGHUP)  # kill, and the terminal closing: both take the server's group down
+
+
+def check_port(host: str, port: int) -> None:
+    """Before starting a server: the address is free, else one line naming it and the fix (a server
+    that fails to bind prints its own traceback, or worse, exits 0)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise SstlError(f"cannot serve on {host}: {err.strerror}: pass --host an address of this machine") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        try:
+            s.bind(address)
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise SstlError(f"port {port} on {host} is in use: stop what holds it, or pass --port") from None
+            raise SstlError(f"cannot serve on {host}:{port}: {err.strerror}: pass another --host or --port") from None
 
 
 def run_server(cmd: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None) -> int:
     """Run a server in its own process group until it exits or this process is stopped (Ctrl+C,
-    SIGTERM): then the whole group goes, workers included, so nothing is left listening."""
-    import signal
-
+    SIGTERM, SIGHUP): then the whole group goes, workers included, so nothing is left listening."""
     proc = subprocess.Popen(cmd, start_new_session=True, env=env, cwd=cwd)
 
     def stop(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = {sig: signal.signal(sig, stop) for sig in STOPS}
     try:
         return proc.wait()
     except KeyboardInterrupt:
         return 0
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if proc.poll() is None or _group_alive(proc.pid):
             _kill_group(proc)
 
@@ -42,7 +62,6 @@ def _group_alive(pgid: int) -> bool:
 
 def _kill_group(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
     """SIGTERM to the server's process group, SIGKILL what is left after `grace` seconds."""
-    import signal
     import time
 
     for sig in (signal.SIGTERM, signal.SIGKILL):

@@ -51,8 +51,6 @@ class NearDupConfig(BaseModel):
 
 
 Kind = Literal["gaussian_blur", "gaussian_noise", "jpeg", "contrast"]
-
-
 KINDS: tuple[Kind, ...] = ("gaussian_blur", "gaussian_noise", "jpeg", "contrast")
 
 

@@ -8,8 +8,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # ImageNet statistics: the input scale of torchvision's backbones and sstl's small CNNs; timm backbones bring theirs.
 MEAN = (0.485, 0.456, 0.406)
-
-
 STD = (0.229, 0.224, 0.225)
 
 

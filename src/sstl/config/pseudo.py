@@ -22,5 +22,5 @@ class SelectConfig(BaseModel):
     )
     tta: Tta = Field("none", description=TTA_HELP)
     temperature: float = Field(
-        1.0, gt=0.0, description="softmax temperature of the soft targets (pseudo_files().probs); not of the selection"
+        1.0, gt=0.0, description="softmax temperature of the soft targets (the stage's --probs); not of the selection"
     )

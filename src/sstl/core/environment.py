@@ -20,11 +20,7 @@ from sstl.core.files import write_json
 
 # the packages whose versions can change the metrics or how they are tracked
 PACKAGES = ("torch", "torchvision", "numpy", "timm", "albumentations", "dvc", "mlflow")
-
-
 LOCK_FILE = "requirements.lock"
-
-
 NONE = "none"
 
 

@@ -13,8 +13,6 @@ from sstl.core.errors import SstlError
 from sstl.core.files import atomic_path, read_csv, read_json
 
 SPLITS = ("labeled", "val", "unlabeled", "test", "test-add")
-
-
 MANIFEST_FIELDS = ("path", "split", "label", "label_index", "sha256")
 
 

@@ -25,8 +25,6 @@ class UnreadableImage(Exception):
 
 
 HIDDEN_NAMES = frozenset({"__MACOSX"})
-
-
 SPECIAL_KINDS = {
     stat.S_IFIFO: "a FIFO (named pipe)",
     stat.S_IFSOCK: "a socket",

@@ -13,8 +13,6 @@ from sstl.data.images import UnreadableImage, os_reason, read_file
 from sstl.data.scan import SKIPPED, relative, scan
 
 INVENTORY = Path("data/inventory.json")  # the prepare stage's DVC dependency in place of the folder
-
-
 HASH_CACHE = Path(".sstl-state/inventory-cache.json")  # git-ignored, like DVC's own state db
 
 

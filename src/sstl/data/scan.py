@@ -10,11 +10,7 @@ from sstl.core.errors import SstlError
 from sstl.data.images import IMAGE_SUFFIXES, children, classify, os_reason, walk
 
 LABELLED_SPLITS = ("labeled", "val", "test", "test-add")
-
-
 EVAL_SPLITS = ("val", "test", "test-add")
-
-
 SKIPPED = "skipped: "  # inventory value prefix for an entry that is not a readable file
 
 
@@ -44,6 +40,11 @@ def scan(root: Path) -> Scan:
 
     Only stat() and listdir() are used: nothing is opened, so no FIFO can block the scan."""
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise SstlError(
+            f"data folder {root} is a file, not a folder: set data.folder in params.yaml to the folder that holds "
+            "labeled/, unlabeled/ and test/"
+        )
     if not root.is_dir():
         raise SstlError(f"data folder {root} not found: set data.folder in params.yaml to your image folder")
     for required in ("labeled", "unlabeled", "test"):

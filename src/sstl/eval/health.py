@@ -10,8 +10,6 @@ from collections.abc import Mapping, Sequence
 import torch
 
 COLLAPSE_SHARE = 0.9  # one class taking >= 90% of val predictions, where the truth is far more even
-
-
 ORDER = ("teacher", "student", "finetuned")  # one round; each model should do at least as well on val as the one before
 
 

@@ -19,20 +19,10 @@ from sstl.core.files import read_csv, read_json
 from sstl.data.dataset import SPLITS as DATA_SPLITS
 
 EVAL_SPLITS = ("test", "test-add")
-
-
 MODELS = ("teacher", "student", "finetuned")  # one round; later rounds' students come between (params `rounds`)
-
-
 SECTIONS = {"teacher": "teacher", "finetuned": "finetune"}  # params.yaml section per model; every student: student
-
-
 TOP = 5  # rows in the worst-class and confused-pair tables
-
-
 SKIPPED_LISTED = 10  # skipped entries listed one by one; all are in skipped.csv
-
-
 DASH = "—"
 
 

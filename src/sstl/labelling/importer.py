@@ -15,8 +15,6 @@ from sstl.core.files import atomic_path, check_writable, read_csv
 from sstl.data.images import children, is_hidden
 
 RECORD = "label-imports.csv"  # at the photo folder's root: prepare never reads it (only the split folders)
-
-
 RECORD_FIELDS = ("time", "source", "destination", "label", "guess", "queue")
 
 

@@ -40,14 +40,9 @@ from sstl.models.inference import infer
 from sstl.runtime.device import Runtime
 
 QUEUE_CSV = "queue.csv"
-
-
 IMAGES = "images"
-
-
+MARKER = ".sstl-label-queue"  # in every folder label-queue writes: the one kind of folder --force replaces
 QUEUE_FIELDS = ("rank", "image", "source", "guess", "guess_probability", "second_guess", "score", "label")
-
-
 CHUNK = 256  # images decoded at once: a pool of 100,000 photos never sits in memory whole
 
 
@@ -170,11 +165,19 @@ def queue_rows(
 
 
 def check_output(out: Path, *, force: bool) -> None:
-    """Before any work: `out` may be absent or an empty folder; a non-empty one only with --force."""
-    if os.path.lexists(out) and not out.is_dir():
+    """Before any work: `out` may be absent or an empty folder; a non-empty one only with --force, and
+    only a queue label-queue wrote (its MARKER inside): --force never replaces a folder of anything else,
+    a photo folder least of all."""
+    if os.path.lexists(out) and (out.is_symlink() or not out.is_dir()):
         raise SstlError(f"{out} exists and is not a folder: pass --out a folder name")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise SstlError(f"{out}/ is not empty: pass --force to replace it, or --out another folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise SstlError(
+                f"{out}/ holds files label-queue did not write (no {MARKER}): it is never replaced, "
+                "--force or not: pass --out a new folder"
+            )
+        if not force:
+            raise SstlError(f"{out}/ holds an earlier queue: pass --force to replace it, or --out another folder")
 
 
 def write_queue(out: Path, rows: list[dict[str, str]], sources: Sequence[Path], *, force: bool) -> None:
@@ -185,6 +188,7 @@ def write_queue(out: Path, rows: list[dict[str, str]], sources: Sequence[Path], 
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         (tmp / IMAGES).mkdir()
+        (tmp / MARKER).write_text("written by sstl label-queue: --force may replace this folder\n", encoding="utf-8")
         for row, source in zip(rows, sources, strict=True):
             shutil.copyfile(source, tmp / row["image"])  # the bytes, also when the pool holds symbolic links
         with (tmp / QUEUE_CSV).open("w", newline="", encoding="utf-8") as f:

@@ -10,7 +10,7 @@ from sstl.core.errors import SstlError
 
 STRATEGIES = ("margin", "entropy", "diverse")
 
-
+Features = Callable[[np.ndarray], np.ndarray]  # pool indices (k,) -> backbone features (k, D)
 CANDIDATES_PER_PICK = 5  # diverse: k-means over this many x n of the most uncertain photos
 
 
@@ -100,6 +100,3 @@ def kmeans(x: np.ndarray, k: int, *, seed: int, iterations: int = 50) -> np.ndar
             if len(members):
                 centres[j] = members.mean(0)
     return labels
-
-
-Features = Callable[[np.ndarray], np.ndarray]  # pool indices (k,) -> backbone features (k, D)

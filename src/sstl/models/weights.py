@@ -35,7 +35,7 @@ from sstl.core.errors import SstlError
 from sstl.models.classifier import Classifier
 
 
-def _read_weights_file(path: Path) -> Any:
+def read_weights_file(path: Path) -> Any:
     if not path.is_file():
         raise SstlError(
             f"weights file {path} not found: set weights to none, imagenet, pretrain, or a state-dict file path"
@@ -43,7 +43,7 @@ def _read_weights_file(path: Path) -> Any:
     return torch_load(path)
 
 
-def _file_state(payload: Any, path: str) -> dict[str, torch.Tensor]:
+def file_state(payload: Any, path: str) -> dict[str, torch.Tensor]:
     state = payload
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # a training-script dump
@@ -52,7 +52,7 @@ def _file_state(payload: Any, path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_sstl_backbone(model: Classifier, payload: dict[str, Any], cfg: ModelConfig) -> None:
+def load_sstl_backbone(model: Classifier, payload: dict[str, Any], cfg: ModelConfig) -> None:
     """Copy the backbone of an sstl checkpoint of the same arch (its head is ignored)."""
     if payload["model"]["arch"] != cfg.arch:
         raise SstlError(
@@ -70,7 +70,7 @@ def _load_sstl_backbone(model: Classifier, payload: dict[str, Any], cfg: ModelCo
         ) from None
 
 
-def _load_backbone(net: nn.Module, arch: str, weights: str, state: dict[str, torch.Tensor]) -> None:
+def load_backbone(net: nn.Module, arch: str, weights: str, state: dict[str, torch.Tensor]) -> None:
     """Load a full-network state dict (torchvision's or timm's keys) into the backbone `net`."""
     # Keep only tensors that fit: a file trained for another number of classes still gives its backbone.
     own = net.state_dict()
@@ -103,7 +103,7 @@ def _is_head_key(key: str) -> bool:
     return key.startswith(("fc.", "classifier.", "head.", "head_"))
 
 
-def _imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
+def imagenet_state_dict_torchvision(arch: str) -> dict[str, torch.Tensor]:
     """torchvision's ImageNet weights, from the torch hub cache (or downloaded where a network is)."""
     entry = torchvision.models.get_model_weights(arch).DEFAULT
     try:

@@ -85,8 +85,8 @@ def pseudo_targets(
     pool: ImageSet, rows: list[dict[str, str]], probs: np.ndarray | torch.Tensor
 ) -> tuple[ImageSet, torch.Tensor]:
     """The pseudo-labelled images with their hard labels (pseudo_set) and soft targets: float32 (M, C),
-    row i the teacher's distribution for rows[i] (pseudo_files(teacher): the .csv and .npy as the
-    pseudolabel stage wrote them; for a cross-entropy with probability targets)."""
+    row i the teacher's distribution for rows[i] (the .csv and .npy as the pseudolabel stage wrote
+    them, its --labels and --probs; for a cross-entropy with probability targets)."""
     targets = probs.float() if isinstance(probs, torch.Tensor) else torch.from_numpy(np.array(probs, dtype=np.float32))
     if targets.ndim != 2 or len(targets) != len(rows):
         raise SstlError(

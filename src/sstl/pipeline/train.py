@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,6 @@ from sstl.models.factory import create_model
 from sstl.params import Params, TeacherParams
 from sstl.pipeline.pseudolabel import pseudo_targets
 from sstl.pseudo.pool import file_digest
-from sstl.runtime.device import Runtime
 from sstl.runtime.distributed import distributed, world
 from sstl.track import tracking
 from sstl.train.loop import FitResult, fit, seed_everything
@@ -72,18 +71,7 @@ class Job:
 
 
 def train_and_save(
-    job: Job,
-    train: ImageSet,
-    val: ImageSet,
-    *,
-    classes: list[str],
-    seed: int,
-    runtime: Runtime,
-    augment: Augmenter | None = None,
-    augment_head: bool = True,
-    feature_cache: Path | None = None,
-    state: Path | None = None,
-    targets: torch.Tensor | None = None,
+    job: Job, train: ImageSet, val: ImageSet, setup: FitSetup, *, classes: list[str], state: Path | None = None
 ) -> FitResult:
     """Fit, then (on rank 0) write the checkpoint, with its resolved config and runtime, and the per-epoch
     curve; log both. Under torchrun every process trains; one writes.
@@ -101,16 +89,7 @@ def train_and_save(
         train,
         val,
         job.schedule,
-        FitSetup(
-            num_classes=len(classes),
-            seed=seed,
-            runtime=runtime,
-            augment=augment,
-            augment_head=augment_head,
-            desc=job.checkpoint.stem,
-            feature_cache=feature_cache,
-            targets=targets,
-        ),
+        replace(setup, desc=job.checkpoint.stem),
         on_epoch=tracking.log_epoch if lead else None,
         state=state,
         keep_state=True,
@@ -125,7 +104,7 @@ def train_and_save(
         job.model_cfg,
         classes,
         int(train.images.shape[1]),
-        config=job.config | {"precision": runtime.precision, "device": str(runtime.device)},
+        config=job.config | {"precision": setup.runtime.precision, "device": str(setup.runtime.device)},
         fit=fit_summary(result),
         interpolation=job.packing.get("interpolation", job.model.data.interpolation),
     )
@@ -242,17 +221,15 @@ def run_training(plan: PlanFn, args: argparse.Namespace, p: Params) -> FitResult
         with tracking.stage_run(todo.stage, p.mlflow.experiment, run_params, rank):
             if todo.metrics:
                 tracking.log_metrics(todo.metrics)
-            result = train_and_save(
-                todo.job,
-                todo.train,
-                val,
-                classes=classes,
+            setup = FitSetup(
+                num_classes=len(classes),
                 seed=p.seed,
                 runtime=runtime,
                 augment=todo.augment,
                 augment_head=todo.augment_head,
-                feature_cache=todo.feature_cache,
-                state=Path(f".sstl-state/train/{args.model.stem}.pt"),  # per-epoch resume state: git-ignored
                 targets=todo.targets,
+                feature_cache=todo.feature_cache,
             )
+            state = Path(f".sstl-state/train/{args.model.stem}.pt")  # per-epoch resume state: git-ignored
+            result = train_and_save(todo.job, todo.train, val, setup, classes=classes, state=state)
     return result if rank == 0 else None

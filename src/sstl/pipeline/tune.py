@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,34 +26,57 @@ from sstl.train.setup import FitSetup
 from sstl.train.tune import search
 
 
+@dataclass(frozen=True, kw_only=True)
+class TeacherSearch:
+    """One teacher search: the space around `teacher`, (n_random, n_guided) trials, and how trials train."""
+
+    teacher: TeacherParams
+    space: dict[str, SpaceEntry]
+    trials: tuple[int, int]
+    num_classes: int
+    seed: int
+    runtime: Runtime
+    frozen_backbone: bool = False  # trials train the head only (phase 1, on cached features)
+
+    def fingerprint(self, labeled: ImageSet, val: ImageSet) -> str:
+        """sha256 naming the search: its params, seed, data, starting weights and runtime. Finished trials
+        of another search are not replayed."""
+        h = hashlib.sha256()
+        if Path(self.teacher.weights).is_file():  # e.g. the pretrain stage's checkpoint: its path stays, not its bytes
+            h.update(file_digest(self.teacher.weights).encode())
+        spec = {n: e.model_dump() for n, e in self.space.items()}
+        parts = (self.teacher.model_dump_json(), json.dumps(spec, sort_keys=True), self.num_classes, self.trials)
+        runtime = self.runtime
+        for part in (*parts, self.seed, self.frozen_backbone, runtime.precision, runtime.describe()["device_name"]):
+            h.update(f"{part}\n".encode())
+        h.update(f"{torch.__version__}\n".encode())
+        for data in (labeled, val):
+            h.update(data_digest(data.images, data.labels).encode())
+        return h.hexdigest()
+
+
 def tune_teacher(
-    teacher: TeacherParams,
-    space: dict[str, SpaceEntry],
+    job: TeacherSearch,
     labeled: ImageSet,
     val: ImageSet,
     *,
-    num_classes: int,
-    trials: tuple[int, int],
-    seed: int,
-    runtime: Runtime,
-    frozen_backbone: bool = False,
     feature_cache: Path | None = None,
     state_dir: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Search `space` around `teacher` with (n_random, n_guided) `trials`; each trains a teacher and is
-    logged as a nested run. `frozen_backbone`: trials train the head only (phase 1, on cached features).
+    """Run the search: each trial trains a teacher and is logged as a nested run.
 
     `state_dir`: finished trials go to `trials.json` there, the running trial's epochs to
     `trial-NN.pt`, so a killed search resumes inside its current trial. Returned rows hold no wall
     time (the stage writes them to DVC-tracked files that must not change from run to run): each
     trial's seconds go to MLflow."""
     ran: set[int] = set()  # trials trained here; the others were replayed from trials.json
+    teacher, num_classes, seed, runtime = job.teacher, job.num_classes, job.seed, job.runtime
 
     def objective(trial: int, overrides: dict[str, Any]) -> dict[str, float]:
         ran.add(trial)
         cfg = TeacherParams.model_validate({**teacher.model_dump(), **overrides})
         schedule = cfg.schedule()
-        if frozen_backbone:
+        if job.frozen_backbone:
             schedule = schedule.model_copy(update={"epochs": 0, "head_epochs": max(schedule.head_epochs, 1)})
         _drop_trial_states(state_dir, before=trial)  # earlier trials are in trials.json by now
         with tracking.trial_run(trial, overrides):
@@ -88,28 +112,17 @@ def tune_teacher(
             tracking.log_metrics(figures | {"resumed_from_epoch": result.resumed_from_epoch})
         return figures
 
-    fingerprint = _tune_fingerprint(
-        teacher,
-        space,
-        labeled,
-        val,
-        num_classes=num_classes,
-        trials=trials,
-        seed=seed,
-        runtime=runtime,
-        frozen_backbone=frozen_backbone,
-    )
     found = search(
-        space,
+        job.space,
         objective,
-        n_random=trials[0],
-        n_guided=trials[1],
+        n_random=job.trials[0],
+        n_guided=job.trials[1],
         seed=seed,
         state=None if state_dir is None else state_dir / "trials.json",
-        fingerprint=fingerprint,
+        fingerprint=job.fingerprint(labeled, val),
     )
     _drop_trial_states(state_dir, before=len(found))
-    _log_trials(found, ran, list(space))
+    _log_trials(found, ran, list(job.space))
     return [{k: v for k, v in t.items() if k != "seconds"} for t in found]
 
 
@@ -122,32 +135,6 @@ def _log_trials(found: list[dict[str, Any]], ran: set[int], names: list[str]) ->
                 tracking.log_metrics({"val_loss": t["val_loss"], "val_acc": t["val_acc"], "replayed": 1})
         figures = {"trial_val_loss": t["val_loss"], "best_so_far": t["best_so_far"], "trial_seconds": t["seconds"]}
         tracking.log_metrics(figures, step=t["trial"])
-
-
-def _tune_fingerprint(
-    teacher: TeacherParams,
-    space: dict[str, SpaceEntry],
-    labeled: ImageSet,
-    val: ImageSet,
-    *,
-    num_classes: int,
-    trials: tuple[int, int],
-    seed: int,
-    runtime: Runtime,
-    frozen_backbone: bool,
-) -> str:
-    """sha256 naming a search: its params, seed, data, starting weights and runtime. Finished trials of
-    another search are not replayed."""
-    h = hashlib.sha256()
-    if Path(teacher.weights).is_file():  # e.g. the pretrain stage's checkpoint: its path stays, its bytes change
-        h.update(file_digest(teacher.weights).encode())
-    spec = {n: e.model_dump() for n, e in space.items()}
-    parts = (teacher.model_dump_json(), json.dumps(spec, sort_keys=True), num_classes, trials, seed, frozen_backbone)
-    for part in (*parts, runtime.precision, runtime.describe()["device_name"], torch.__version__):
-        h.update(f"{part}\n".encode())
-    for data in (labeled, val):
-        h.update(data_digest(data.images, data.labels).encode())
-    return h.hexdigest()
 
 
 def _drop_trial_states(state_dir: Path | None, *, before: int) -> None:

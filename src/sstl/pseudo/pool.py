@@ -135,20 +135,10 @@ def gather(acc: Accumulator, rows: Rows, cfg: SelectConfig, num_classes: int) ->
 
 
 def select_pool(
-    model: Classifier,
-    images: np.ndarray | torch.Tensor,
-    cfg: SelectConfig,
-    num_classes: int,
-    *,
-    state_dir: Path | None = None,
-    pool_id: str = "",
-    on_shard: Callable[[int], None] | None = None,
-    runtime: Runtime,
+    model: Classifier, images: np.ndarray | torch.Tensor, cfg: SelectConfig, num_classes: int, **options: Any
 ) -> Selection | None:
-    """The selection of `select_pool_logits` (same arguments, same resume state), without the logits."""
-    out = select_pool_logits(
-        model, images, cfg, num_classes, state_dir=state_dir, pool_id=pool_id, on_shard=on_shard, runtime=runtime
-    )
+    """The selection of `select_pool_logits` (same options, same resume state), without the logits."""
+    out = select_pool_logits(model, images, cfg, num_classes, **options)
     return None if out is None else out[0]
 
 

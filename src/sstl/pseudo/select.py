@@ -7,7 +7,7 @@ highest probability for it: a balanced set even when the teacher favours some cl
 `select_topk` / `select_threshold` work on all probabilities in memory (the reference);
 `select_pool` streams a pool of any size: shards of `shard_size` images read from the memory-mapped
 array, fed to the bounded accumulators of `sstl.pseudo.stream`, the state saved after each shard so that
-a killed run resumes, and the shards dealt round-robin to torchrun processes (see README).
+a killed run resumes, and the shards dealt round-robin to torchrun processes (see docs/pipeline.md).
 
 Soft pseudo-labels: beside the accumulator, the logits of the images it still holds are kept
 (`sstl.pseudo.stream.Rows`, in the resume state too), so `select_pool_logits` gives each selected image's
@@ -17,31 +17,7 @@ softmax(logits / temperature). The selection itself always uses the plain softma
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import NamedTuple
-
 import torch
-
-
-class PseudoFiles(NamedTuple):
-    """One teacher's pseudo-labels: the pseudolabel stage writes them, its round's student reads them."""
-
-    labels: Path  # the selected rows: index, path, label, label_index, score
-    probs: Path  # float32 (rows, classes): row i's soft label, softmax(logits / temperature)
-    counts: Path  # pseudo-labels per class
-    summary: Path  # pool size, selected, mean score
-    state: Path  # the streaming selection's resume state: git-ignored, not a DVC output
-
-
-def pseudo_files(teacher: str) -> PseudoFiles:
-    """Where the pseudo-labels of model `teacher` (models/<teacher>.pt) go: one set per round."""
-    return PseudoFiles(
-        Path(f"data/pseudolabels/{teacher}.csv"),
-        Path(f"data/pseudolabels/{teacher}.npy"),
-        Path(f"reports/pseudolabel/{teacher}/counts.csv"),
-        Path(f"reports/pseudolabel/{teacher}/summary.json"),
-        Path(f".sstl-state/pseudolabel/{teacher}"),
-    )
 
 
 def select_threshold(probs: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -31,20 +31,10 @@ if TYPE_CHECKING:
 
 
 INDEX_BITS = 32
-
-
 INDEX_MAX = (1 << INDEX_BITS) - 1  # largest image index a key can hold
-
-
 EMPTY = -1  # key of an empty slot: below every real key (real keys are >= 0)
-
-
 MIN_BUDGET = 1 << 16  # pending candidates before a compaction, for small k x classes
-
-
 BLOCK = 1 << 22  # keys sorted at once by a compaction: its temporaries stay ~100 MB
-
-
 Selection = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # index int64, label int64, score float32
 
 

@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sstl.eval.report import COLUMNS
 from sstl.review.dvc import dvc_json
 from sstl.review.layout import LABELS, METRICS_FILE, MISSING, SPLITS, cell, model_order, order_key
 from sstl.review.plots import render_plots
-
-if TYPE_CHECKING:
-    pass
-
 
 ABSENT = ("deleted", "not in cache")  # a file that is not here: nothing says it is out of date
 

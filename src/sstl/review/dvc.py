@@ -8,12 +8,9 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sstl.core.errors import SstlError
-
-if TYPE_CHECKING:
-    pass
 
 
 def dvc_json(args: Sequence[str]) -> Any:

@@ -5,12 +5,9 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sstl.review.layout import METRICS_FILE, MISSING, SPLITS, WORKSPACE, cell, model_order
-
-if TYPE_CHECKING:
-    pass
 
 
 @dataclass

@@ -7,17 +7,9 @@ from collections.abc import Sequence
 from typing import Any
 
 SPLITS = ("test", "test-add")
-
-
 METRICS_FILE = "reports/metrics.json"  # the one DVC metrics file: evaluation results only
-
-
 LABELS = {"accuracy": "accuracy", "macro_f1": "macro-F1", "ece": "ECE"}
-
-
 WORKSPACE = "workspace"
-
-
 MISSING = "—"
 
 

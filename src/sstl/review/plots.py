@@ -95,8 +95,6 @@ def _rev_order(revs: Sequence[str], old: str) -> list[str]:
 
 
 COLORS = {0: "#8c8c8c", 1: "#1f77b4"}  # old: grey, new: blue
-
-
 DASHES = ["-", "--", ":", "-."]
 
 

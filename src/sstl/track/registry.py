@@ -46,8 +46,6 @@ from sstl.runtime.device import CPU
 from sstl.track.tracking import model_store, store_lock
 
 CHAMPION = "champion"
-
-
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("binary", "image")]),
     outputs=Schema(

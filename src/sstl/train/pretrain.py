@@ -26,8 +26,6 @@ from sstl.train.loop import FitResult, fit, seed_everything
 from sstl.train.setup import FitSetup
 
 ROTATIONS = ("0", "90", "180", "270")
-
-
 ModelConfigT = TypeVar("ModelConfigT", bound=ModelConfig)
 
 

@@ -26,8 +26,6 @@ from sstl.runtime.distributed import from_rank0, to_rank0, world
 from sstl.train.setup import FitSetup
 
 STATE_VERSION = 1
-
-
 HASH_BYTES = 256 * 2**20  # data hashed per set in the fingerprint: every k-th image beyond this
 
 

@@ -15,14 +15,11 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sstl.config.train import SpaceEntry
 from sstl.core.errors import SstlError
 from sstl.core.files import write_json
-
-if TYPE_CHECKING:
-    pass
 
 
 def _plain(value: Any) -> Any:
