@@ -29,7 +29,7 @@ from cifar10_folder import CACHE, SHARED, layout, unpack  # noqa: E402
 from stamp import stamp  # noqa: E402
 
 from sstl.core.files import write_json, write_text
-from sstl.review.diff import model_order
+from sstl.review.layout import model_order
 from sstl.track.tracking import flatten
 
 OUT_JSON = ROOT / "reports/benchmarks/cifar10.json"

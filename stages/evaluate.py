@@ -95,16 +95,18 @@ def main() -> None:
         tracking.log_metrics(metrics | {"val_accuracy": val_acc})
         tracking.set_tags({"sstl.use": verdict["use"], "sstl.warnings": "; ".join(warnings) or "none"})
         tracking.log_artifacts(args.metrics, args.per_class, args.health, args.summary, args.confusion, args.card)
-        if p.mlflow.model_name and "test" in metrics["finetuned"]:
+        use = verdict["use"]  # the one model to use: the summary names it, the registry publishes it
+        if p.mlflow.model_name and "test" in metrics[use]:
             decision = registry.publish(
-                models["finetuned"],
+                models[use],
                 name=p.mlflow.model_name,
-                metrics=metrics["finetuned"],
+                metrics=metrics[use],
                 tta=p.evaluate.tta,
                 example=data["test"].images[0].numpy(),
                 data=registry.data_digest(*[(d.images, d.labels) for s, d in data.items() if s != "val"]),
             )
-            print(f"registered {p.mlflow.model_name}: {decision['champion']} champion ({decision['champion_reason']})")
+            outcome = f"{decision['champion']} champion ({decision['champion_reason']})"
+            print(f"registered {p.mlflow.model_name} ({use}): {outcome}")
     health.warn("evaluate", warnings)
     print(args.summary.read_text())
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -71,3 +73,20 @@ def test_repo_lock_pins_what_is_installed() -> None:
     assert len(pins) > 100
     assert pins["torch"] == torch.__version__.split("+")[0]
     assert pins["torchvision"] == environment.package_version("torchvision").split("+")[0]
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="OpenBLAS's Haswell kernel is an x86_64 one")
+def test_the_blas_kernel_is_recorded_and_follows_openblas_coretype() -> None:
+    # the tune stage's Gaussian process runs on numpy's BLAS: another kernel moves its last bits
+    def record(coretype: str | None) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
+        env |= {"OPENBLAS_CORETYPE": coretype} if coretype else {}
+        out = subprocess.run(
+            [sys.executable, "-m", "sstl.core.environment"], env=env, capture_output=True, text=True, check=True
+        ).stdout
+        return dict(line.split(": ", 1) for line in out.splitlines())
+
+    haswell = record("Haswell")
+    assert haswell["openblas_coretype"] == "Haswell"
+    assert haswell["blas"].startswith("openblas ") and " Haswell x" in haswell["blas"]
+    assert record(None)["openblas_coretype"] == "none"

@@ -4,8 +4,13 @@ import, `label-import` moves the labelled photos (all or nothing) and records it
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +20,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from sstl.cli.app import app
+from sstl.core.files import read_csv
 from sstl.data.scan import scan
 from sstl.labelling.importer import RECORD
 from sstl.labelling.queue import QUEUE_FIELDS
@@ -281,9 +287,13 @@ def test_import_unknown_class_names_row_and_classes(checkpoint: Path, photos: Pa
     assert "row 3: unknown class 'wolf'" in stderr and "cat, dog, fox" in stderr and "--new-classes" in stderr
     assert tree(photos) == before  # nothing moved, no record
 
-    code, _, stderr = import_(labels, photos, "--new-classes")  # 'Cat' next to 'cat' is a new class too
+    code, _, stderr = import_(labels, photos, "--new-classes")  # 'Cat' beside 'cat': a twin, never a new class
+    one_line_error(code, stderr)
+    assert "row 4: 'Cat' differs from the class 'cat' only in case" in stderr and tree(photos) == before
+    labels, _ = labelled(checkpoint, photos, tmp_path, ["dog", "wolf"])
+    code, _, stderr = import_(labels, photos, "--new-classes")
     assert code == 0, stderr
-    assert len(os.listdir(photos / "labeled" / "wolf")) == 1 and len(os.listdir(photos / "labeled" / "Cat")) == 1
+    assert len(os.listdir(photos / "labeled" / "wolf")) == 1
 
 
 def test_import_vanished_source_and_clash_move_nothing(checkpoint: Path, photos: Path, tmp_path: Path) -> None:
@@ -330,19 +340,132 @@ def test_import_into_the_project_folder_refreshes_the_inventory(checkpoint: Path
     assert inventory["files"] == 3 * 2 + POOL  # labeled + test + unlabeled: the moved photos counted once
 
 
-def test_import_keeps_relative_links_pointing_at_their_photo(tmp_path: Path) -> None:
-    """A pool of relative symbolic links (photos kept elsewhere) still reaches the photos after the move."""
+def _pool(tmp_path: Path) -> Path:
+    """A photo folder with classes cat and dog and two real photos in unlabeled/."""
     folder = tmp_path / "photos"
-    (folder / "labeled" / "cat").mkdir(parents=True)
-    (folder / "unlabeled" / "deep").mkdir(parents=True)
-    store = tmp_path / "store" / "p.jpg"
-    store.parent.mkdir()
-    store.write_bytes(b"the photo")
-    link = folder / "unlabeled" / "deep" / "p.jpg"
-    link.symlink_to(os.path.relpath(store, link.parent))
-    labels = tmp_path / "labels.csv"
-    labels.write_text(f"source,label\n{link},cat\n")
+    for name in ("labeled/cat", "labeled/dog", "unlabeled/day1"):
+        (folder / name).mkdir(parents=True)
+    for name in ("a.jpg", "b.jpg"):
+        (folder / "unlabeled/day1" / name).write_bytes(b"a photo " + name.encode())
+    return folder
+
+
+def _labels(tmp_path: Path, text: str, *, encoding: str = "utf-8") -> Path:
+    path = tmp_path / "labels.csv"
+    path.write_text(text, encoding=encoding)
+    return path
+
+
+def test_import_moves_only_photos_whose_real_path_is_in_the_pool(tmp_path: Path) -> None:
+    folder = _pool(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "sub").mkdir(parents=True)
+    (elsewhere / "secret.jpg").write_bytes(b"not the user's photo")
+    for i in range(3):
+        (elsewhere / "sub" / f"{i}.jpg").write_bytes(b"x")
+    (folder / "unlabeled/linked").symlink_to(elsewhere, target_is_directory=True)  # a folder link leading out
+    (folder / "unlabeled/day1/link.jpg").symlink_to(elsewhere / "secret.jpg")  # a file link leading out
+    (folder / "unlabeled/day1/notes.txt").write_text("not a photo")
+    (folder / "unlabeled/day1/folder.jpg").mkdir()  # a folder named like a photo
+    before = tree(folder) + tree(elsewhere)
+    cases = {
+        f"{folder}/unlabeled/linked/secret.jpg": "is not in",
+        f"{folder}/unlabeled/linked/sub": "is not an image file",
+        f"{folder}/unlabeled/day1/link.jpg": "is a symbolic link",
+        f"{folder}/unlabeled/day1/notes.txt": "is not an image file",
+        f"{folder}/unlabeled/day1/folder.jpg": "is not a regular file",
+    }
+    for source, says in cases.items():
+        code, _, stderr = import_(_labels(tmp_path, f"source,label\n{source},cat\n"), folder)
+        one_line_error(code, stderr)
+        assert says in stderr and "row 2" in stderr, (source, stderr)
+    assert tree(folder) + tree(elsewhere) == before  # nothing moved, from anywhere
+    assert not (folder / "label-imports.csv").exists()
+
+
+@pytest.mark.parametrize(
+    ("label", "says"),
+    [
+        ("new\nline", "cannot be a class name"),
+        ("zero\u200bwidth", "cannot be a class name"),
+        ("=HYPERLINK(x)", "cannot be a class name"),
+        ("+1", "cannot be a class name"),
+        ("-rf", "cannot be a class name"),
+        ("@me", "cannot be a class name"),
+        ("nul\x00byte", "cannot be a class name"),
+        ("Cat", "differs from the class 'cat' only in case"),
+        ("../up", "cannot be a class name"),
+    ],
+)
+def test_new_class_names_are_folder_and_spreadsheet_safe(tmp_path: Path, label: str, says: str) -> None:
+    folder = _pool(tmp_path)
+    rows = io.StringIO()
+    csv.writer(rows).writerows([["source", "label"], [f"{folder}/unlabeled/day1/a.jpg", label]])
+    before = tree(folder)
+    code, _, stderr = import_(_labels(tmp_path, rows.getvalue()), folder, "--new-classes")
+    one_line_error(code, stderr)
+    assert says in stderr and "Traceback" not in stderr
+    assert tree(folder) == before
+
+
+def test_a_unicode_class_name_is_fine(tmp_path: Path) -> None:
+    folder = _pool(tmp_path)
+    code, _, stderr = import_(
+        _labels(tmp_path, f"source,label\n{folder}/unlabeled/day1/a.jpg,chat noir\n"), folder, "--new-classes"
+    )
+    assert code == 0, stderr
+    assert (folder / "labeled/chat noir/a.jpg").is_file()
+
+
+def test_csv_shapes_that_would_import_the_wrong_thing_are_refused(tmp_path: Path) -> None:
+    folder = _pool(tmp_path)
+    source = f"{folder}/unlabeled/day1/a.jpg"
+    for text, says in (
+        (f"source,label,label\n{source},cat,dog\n", "has 2 label columns (columns 2, 3): keep one"),
+        (f"source,label,choice\n{source},,cat\n", "no row has a label"),  # a Label Studio export
+    ):
+        code, _, stderr = import_(_labels(tmp_path, text), folder)
+        one_line_error(code, stderr)
+        assert says in stderr, stderr
+    assert "'choice' has values" in stderr
+    # Excel's "CSV UTF-8" starts with a byte-order mark: the first column is still `source`
+    code, _, stderr = import_(_labels(tmp_path, f"source,label\n{source},cat\n", encoding="utf-8-sig"), folder)
+    assert code == 0, stderr
+    assert (folder / "labeled/cat/a.jpg").is_file()
+
+
+def test_an_import_killed_mid_move_is_resumed_by_the_next(tmp_path: Path) -> None:
+    folder = _pool(tmp_path)
+    for i in range(40):
+        (folder / "unlabeled/day1" / f"p{i:02d}.jpg").write_bytes(b"photo %d" % i)
+    rows = "".join(f"{folder}/unlabeled/day1/p{i:02d}.jpg,{'cat' if i % 2 else 'dog'}\n" for i in range(40))
+    labels = _labels(tmp_path, "source,label\n" + rows)
+    # a slow file system: every move takes a while, so the kill lands between two of them
+    slow = tmp_path / "slow.py"
+    slow.write_text(
+        "import shutil, sys, time\n"
+        "real = shutil.move\n"
+        "def move(a, b):\n    time.sleep(0.05)\n    return real(a, b)\n"
+        "shutil.move = move\n"
+        "from sstl.cli.app import app\n"
+        "sys.argv = ['sstl', 'label-import', sys.argv[1], '--folder', sys.argv[2]]\n"
+        "app()\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(slow), str(labels), str(folder)])
+    deadline = time.monotonic() + 60
+    while not any((folder / "labeled/cat").iterdir()) and not any((folder / "labeled/dog").iterdir()):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.01)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    moved = len(list((folder / "labeled").rglob("*.jpg")))
+    assert 0 < moved < 40, moved  # killed half way
     code, stdout, stderr = import_(labels, folder)
     assert code == 0, stderr
-    moved = folder / "labeled" / "cat" / "p.jpg"
-    assert moved.is_symlink() and moved.read_bytes() == b"the photo" and not os.path.lexists(link)
+    assert sorted(p.name for p in (folder / "labeled/cat").iterdir()) == [f"p{i:02d}.jpg" for i in range(1, 40, 2)]
+    assert sorted(p.name for p in (folder / "labeled/dog").iterdir()) == [f"p{i:02d}.jpg" for i in range(0, 40, 2)]
+    record = read_csv(folder / "label-imports.csv")
+    assert sorted(r["source"] for r in record) == sorted(f"unlabeled/day1/p{i:02d}.jpg" for i in range(40))  # once each
+    code, stdout, _ = import_(labels, folder)  # and once more: nothing left to do
+    assert code == 0 and "40" in stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -287,6 +288,26 @@ def test_photo_profile_merges_and_validates(repo_raw: dict[str, Any]) -> None:
     assert merged["seed"] == repo_raw["seed"], "what the profile leaves alone is kept"
     with pytest.raises(SstlError, match="unknown profile 'fotos': choose one of photos"):
         apply_profile(repo_raw, "fotos")
+
+
+def test_sstl_profile_keeps_every_comment_and_writes_what_the_profile_merges(tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    before = params.read_text()
+    photos = tmp_path / "my-photos"
+    photos.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)
+        res = CliRunner().invoke(app, ["profile", "photos", "--folder", str(photos)])
+    assert res.exit_code == 0, res.output
+    after = params.read_text()
+    comments = [line.split("#", 1)[1] for line in before.splitlines() if "#" in line]
+    assert comments and [line.split("#", 1)[1] for line in after.splitlines() if "#" in line] == comments
+    from sstl.params import apply_profile
+
+    # what PyYAML (sstl, YAML 1.1) reads back is the merged mapping: floats such as 5e-05 stay floats
+    assert yaml.safe_load(after) == apply_profile(yaml.safe_load(before), "photos", str(photos))
+    assert load_params(params).data.folder == str(photos)
 
 
 TWO_ROUNDS = [{"teacher": "teacher", "student": "student"}, {"teacher": "student", "student": "student2"}]

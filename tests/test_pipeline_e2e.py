@@ -10,9 +10,13 @@ import json
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
+from base64 import b64encode
 from pathlib import Path
 
 import mlflow
@@ -53,15 +57,12 @@ def sh(cwd: Path, *cmd: str, env: dict | None = None) -> str:
     return res.stdout + res.stderr
 
 
+def _dvc_env() -> dict[str, str]:
+    return os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+
 def dvc(cwd: Path, *args: str) -> str:
-    return sh(
-        cwd,
-        sys.executable,
-        "-m",
-        "dvc",
-        *args,
-        env=os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
-    )
+    return sh(cwd, sys.executable, "-m", "dvc", *args, env=_dvc_env())
 
 
 def ran_stages(output: str) -> set[str]:
@@ -119,6 +120,88 @@ def test_repro_writes_metrics_for_every_model_and_split(project: Path) -> None:
 def test_second_repro_does_nothing(project: Path) -> None:
     out = dvc(project, "repro")
     assert ran_stages(out) == set()
+    assert "up to date" in dvc(project, "status")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_http(url: str, proc: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + 300  # MLflow imports and loads the model first: slow on a busy machine
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                assert r.status == 200
+                return
+        except OSError:
+            assert time.monotonic() < deadline and proc.poll() is None, f"{what} did not start"
+            time.sleep(1)
+
+
+def test_a_fresh_clone_runs_every_readme_command_after_sstl_run(project: Path, tmp_path: Path) -> None:
+    # a new user's first hour: clone, `sstl run` (DVC restores what the shared cache holds, as after a
+    # `dvc pull`, and skips evaluate, whose results are committed), then serve, predict, report and ui
+    clone = tmp_path / "clone"
+    sh(tmp_path, "git", "clone", "-q", str(project), str(clone))
+    dvc(clone, "cache", "dir", "--local", str(project / ".dvc" / "cache"))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the clone's own, new store
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    sstl = [sys.executable, "-m", "sstl.cli"]
+    out = sh(clone, *sstl, "run", env=env)
+    use = json.loads((clone / "reports/health.json").read_text())["use"]
+    assert f"registered sstl ({use}, from the committed results): promoted champion" in out
+    photo = next((clone / "data/demo/test").glob("*/*.png"))
+    port = free_port()
+    server = subprocess.Popen([*sstl, "serve", "--port", str(port)], cwd=clone, env=env, start_new_session=True)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/ping", server, "sstl serve")
+        body = json.dumps(
+            {"dataframe_split": {"columns": ["image"], "data": [[b64encode(photo.read_bytes()).decode()]]}}
+        )
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", body.encode(), {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as r:
+            answer = json.loads(r.read())["predictions"][0]
+        classes = json.loads((clone / "data/prepared/classes.json").read_text())
+        assert answer["class"] in classes and set(answer["probabilities"]) == set(classes)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+    predicted = sh(clone, *sstl, "predict", str(photo), "--format", "json", env=env)
+    assert json.loads(predicted)[0]["predictions"][0]["class"] == answer["class"]  # the model serve serves
+    assert "| teacher |" in sh(clone, *sstl, "report", env=env)
+    port = free_port()
+    ui = subprocess.Popen([*sstl, "ui", "--port", str(port)], cwd=clone, env=env, start_new_session=True)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/", ui, "sstl ui")
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(timeout=60)
+
+
+def test_a_bad_param_under_plain_dvc_repro_loses_no_uncached_output(project: Path) -> None:
+    # DVC removes a stage's outputs before running it; the uncached ones (cache: false) have no copy to
+    # come back from, so they persist until the stage rewrites them (atomically), and a stage that stops
+    # on a bad param leaves them as they were
+    kept = [project / f"reports/tune/{f}" for f in ("best_params.json", "trials.csv", "convergence.csv")]
+    before = [f.read_bytes() for f in kept]
+    params = project / "params.yaml"
+    original = params.read_text()
+    raw = yaml.safe_load(original)
+    raw["teacher"]["lr"] = -1.0  # tune, the first stage whose params change, stops on it
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    try:
+        res = subprocess.run(
+            [sys.executable, "-m", "dvc", "repro"], cwd=project, capture_output=True, text=True, env=_dvc_env()
+        )
+    finally:
+        params.write_text(original)
+    assert res.returncode != 0 and "teacher.lr" in res.stdout + res.stderr
+    assert [f.read_bytes() for f in kept] == before
     assert "up to date" in dvc(project, "status")
 
 

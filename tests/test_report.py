@@ -16,7 +16,8 @@ from conftest import ROOT
 from typer.testing import CliRunner
 
 from sstl.cli.app import app
-from sstl.review.diff import SPLITS, stale_stages
+from sstl.review.diff import stale_stages
+from sstl.review.layout import SPLITS
 
 MODELS = ("teacher", "student", "finetuned")  # one round: the pipeline's order
 

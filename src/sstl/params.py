@@ -6,6 +6,7 @@ written) and hands the typed pieces it needs to the library.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +19,7 @@ from sstl.config.pseudo import SelectConfig
 from sstl.config.runtime import DEVICE_HELP, TTA_HELP, Precision, Tta
 from sstl.config.train import AugmentConfig, PretrainConfig, SpaceEntry, TrainConfig
 from sstl.core.errors import ParamsError, SstlError
+from sstl.core.files import write_text
 from sstl.models.factory import check_arch, data_config
 from sstl.runtime.device import Runtime, make_runtime
 
@@ -372,6 +374,54 @@ def apply_profile(raw: dict[str, Any], name: str, folder: str | None = None) -> 
         merged.setdefault("data", {})["folder"] = folder
     parse_params(merged, f"params.yaml with profile {name}")
     return merged
+
+
+def write_profile(path: Path, name: str, folder: str | None = None) -> None:
+    """Apply profile `name` to the params file at `path` in place, its comments and layout kept (a
+    round-trip YAML): only the values the profile changes are rewritten. Validated before writing."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.comments import CommentedMap
+
+    merged = apply_profile(read_yaml(path) or {}, name, folder)
+    rt = YAML()  # round-trip: comments, key order, flow style and quotes survive
+    rt.preserve_quotes = True
+    rt.width = 4096  # never re-wrap a long line
+    rt.indent(mapping=2, sequence=4, offset=2)
+    rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    rt.representer.add_representer(float, _represent_float)
+    doc = rt.load(path.read_text(encoding="utf-8")) or CommentedMap()
+    _sync(doc, merged)
+    out = io.StringIO()
+    rt.dump(doc, out)
+    write_text(path, out.getvalue())
+
+
+def _represent_float(representer: Any, value: float) -> Any:
+    """Floats every YAML reader takes as floats: PyYAML (YAML 1.1) reads `5e-05` as a string."""
+    text = "null" if value != value else repr(value)
+    if text in ("inf", "-inf"):
+        text = text.replace("inf", ".inf")
+    elif "e" in text and "." not in text.split("e")[0]:
+        mantissa, exponent = text.split("e")
+        text = f"{mantissa}.0e{exponent}"
+    return representer.represent_scalar("tag:yaml.org,2002:float", text)
+
+
+def _sync(doc: Any, new: dict[str, Any]) -> None:
+    """Make the round-trip mapping `doc` equal `new`, touching only the keys whose values differ; a new
+    mapping of plain values is written inline, as params.yaml writes them (`{low: 1, high: 4}`)."""
+    from ruamel.yaml.comments import CommentedMap
+
+    for key in [k for k in doc if k not in new]:
+        del doc[key]
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(doc.get(key), dict):
+            _sync(doc[key], value)
+        elif key not in doc or doc[key] != value:
+            if isinstance(value, dict) and not any(isinstance(v, (dict, list)) for v in value.values()):
+                value = CommentedMap(value)
+                value.fa.set_flow_style()
+            doc[key] = value
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any], prefix: str) -> dict[str, Any]:

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-import yaml
 
 from sstl.cli.dvc import PARAMS, before_dvc, dvc, dvc_env, status_check
 from sstl.cli.servers import check_port, run_server
@@ -40,6 +39,7 @@ exp_app = typer.Typer(help="DVC experiments: run with -S overrides, compare in a
 app.add_typer(exp_app, name="exp")
 
 METRICS = Path("reports/metrics.json")
+HEALTH = Path("reports/health.json")  # evaluate's verdict: the model to use
 ENVIRONMENT = Path("reports/environment.json")  # not a DVC output: host-dependent
 
 
@@ -73,7 +73,20 @@ def run(
             from sstl.core.environment import write_report
 
             write_report(ENVIRONMENT)  # what the figures were made with: versions, CPU, lock digest
+            if stage is None:
+                _register_committed(env["SSTL_PIPELINE_ID"])
         _exit(code)
+
+
+def _register_committed(pipeline: str) -> None:
+    """A store without a champion (a fresh clone, whose evaluate DVC skipped) gets the committed model to use."""
+    from sstl.params import load_params
+    from sstl.pipeline.evaluate import register_committed
+
+    os.environ["SSTL_PIPELINE_ID"] = pipeline  # the registration run joins this execution's runs
+    said = register_committed(load_params(PARAMS), prepared=Path("data/prepared"), health=HEALTH, metrics=METRICS)
+    if said:
+        typer.echo(said)
 
 
 @app.command()
@@ -83,17 +96,14 @@ def profile(
     folder: Annotated[Path | None, typer.Option(help="your image folder (labeled/, unlabeled/, test/, ...)")] = None,
 ) -> None:
     """Merge a params profile into params.yaml (e.g. `photos`: ImageNet EfficientNet-Lite teacher and student)."""
-    from sstl.core.files import write_text
-    from sstl.params import apply_profile, read_yaml
+    from sstl.params import write_profile
 
     with user_errors():
         if not PARAMS.is_file():
             raise SstlError(f"{PARAMS} not found: run sstl from the project root")
         if folder is not None and not folder.is_dir():
             raise SstlError(f"folder {folder} not found: pass the folder that holds labeled/ and unlabeled/")
-        raw = read_yaml(PARAMS) or {}
-        merged = apply_profile(raw, name, None if folder is None else str(folder))
-        write_text(PARAMS, yaml.safe_dump(merged, sort_keys=False))
+        write_profile(PARAMS, name, None if folder is None else str(folder))
         typer.echo(f"params.yaml: profile {name} applied; review it with `git diff params.yaml`, then `sstl run`")
 
 
@@ -156,8 +166,12 @@ class TtaMode(str, Enum):
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="image files or folders")],
     model: Annotated[
-        str, typer.Option(help="checkpoint file, or a registered model: models:/sstl@champion, models:/sstl/3")
-    ] = "models/finetuned.pt",
+        str | None,
+        typer.Option(
+            help="checkpoint file, or a registered model: models:/sstl@champion, models:/sstl/3 "
+            "(default: the model to use, as evaluate chose it in reports/health.json)"
+        ),
+    ] = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="classes per image")] = 3,
     fmt: Annotated[Format, typer.Option("--format", help="table, csv or json")] = Format.table,
     tta: Annotated[
@@ -165,11 +179,12 @@ def predict(
         typer.Option(help="test-time augmentation (default: the registered model's, else params.yaml's evaluate.tta)"),
     ] = None,
 ) -> None:
-    """Classify images with the fine-tuned student (or a registered model): top-k classes with probabilities."""
+    """Classify images with the model to use (or a registered model): top-k classes with probabilities."""
     from sstl.eval.predict import collect_images, render
     from sstl.eval.predict import predict as run_predict
 
     with user_errors():
+        model = model or str(_model_to_use())
         classifier = _classifier(model)
         if tta is not None:
             classifier.tta = tta.value
@@ -187,6 +202,12 @@ def predict(
             runtime=CPU,
         )
         typer.echo(render(rows, fmt.value))
+
+
+def _model_to_use() -> Path:
+    from sstl.eval.health import model_to_use
+
+    return model_to_use(HEALTH)
 
 
 def _params_tta() -> Tta:
@@ -271,7 +292,7 @@ def serve(
     Example: {"dataframe_split": {"columns": ["image"], "data": [["<base64 JPEG>"]]}} -> class,
     probability and the probability of every class per image."""
     from sstl.params import load_params
-    from sstl.track.registry import CHAMPION
+    from sstl.track.registry import CHAMPION, champion_version
     from sstl.track.tracking import project_root, tracking_uri
 
     with user_errors():
@@ -280,6 +301,10 @@ def serve(
             if not name:
                 raise SstlError(
                     "mlflow.model_name is null in params.yaml: set it, or pass --model models:/<name>@<alias>"
+                )
+            if champion_version(name) is None:
+                raise SstlError(
+                    f"{name} has no champion in this project's store: run `sstl run` first (it registers one)"
                 )
             model = f"models:/{name}@{CHAMPION}"
         check_port(host, port)
@@ -356,7 +381,9 @@ def label_queue(
     strategy: Annotated[
         Strategy, typer.Option(help="margin: smallest top-2 gap | entropy | diverse: uncertain, spread over clusters")
     ] = Strategy.margin,
-    model: Annotated[Path, typer.Option(help="checkpoint to score with")] = Path("models/finetuned.pt"),
+    model: Annotated[
+        Path | None, typer.Option(help="checkpoint to score with (default: the model to use, reports/health.json)")
+    ] = None,
     folder: Annotated[
         Path | None, typer.Option(help="photo folder whose unlabeled/ is scored (default: params.yaml data.folder)")
     ] = None,
@@ -373,7 +400,7 @@ def label_queue(
     with user_errors():
         mode = tta.value if tta is not None else _params_tta()
         done = make_queue(
-            model_path=model,
+            model_path=model or _model_to_use(),
             folder=_photo_folder(folder),
             out=out,
             n=n,

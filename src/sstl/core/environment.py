@@ -9,6 +9,7 @@ figures, CUDA, and which lock file the venv was installed from.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -68,8 +69,28 @@ def _cuda() -> dict[str, str]:
     }
 
 
+def blas() -> dict[str, str]:
+    """The BLAS numpy and scipy compute with (the tune stage's Gaussian process runs on it): library,
+    version, the kernel it picked for this CPU and its threads (threadpoolctl), and OPENBLAS_CORETYPE,
+    which overrides the kernel. Another kernel moves a float's last bits, so a figure names it."""
+    import numpy  # noqa: F401  (loads its BLAS, so that threadpoolctl sees it)
+    from threadpoolctl import threadpool_info
+
+    with contextlib.suppress(ImportError):
+        import scipy.linalg  # noqa: F401  (skopt's GP: scipy may bring a BLAS of its own)
+    libraries = sorted(
+        {
+            f"{lib.get('internal_api', '?')} {lib.get('version') or '?'} {lib.get('architecture') or '?'} "
+            f"x{lib.get('num_threads', '?')}"
+            for lib in threadpool_info()
+            if lib.get("user_api") == "blas"
+        }
+    )
+    return {"blas": "; ".join(libraries) or NONE, "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE") or NONE}
+
+
 def describe(lock: Path | str = LOCK_FILE) -> dict[str, str]:
-    """Interpreter, platform, CPU, package versions, CUDA and the lock file's digest (relative to the cwd)."""
+    """Interpreter, platform, CPU, package versions, CUDA, BLAS and the lock file's digest (relative to the cwd)."""
     env = {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -78,6 +99,7 @@ def describe(lock: Path | str = LOCK_FILE) -> dict[str, str]:
     }
     env.update({name: package_version(name) for name in PACKAGES})
     env.update(_cuda())
+    env.update(blas())
     env["lock_sha256"] = lock_digest(lock)
     return env
 

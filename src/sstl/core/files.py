@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -101,3 +102,12 @@ def write_csv(path: Path | str, rows: Sequence[dict[str, Any]], fields: Sequence
 def read_csv(path: Path | str) -> list[dict[str, str]]:
     with Path(path).open(newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
+
+
+def file_digest(path: Path | str) -> str:
+    """sha256 of a file's bytes, read 1 MB at a time."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

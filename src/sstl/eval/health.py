@@ -4,8 +4,10 @@ teacher. Every check looks at validation data only; which model to use is chosen
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 
@@ -53,6 +55,14 @@ def recommend(val_accuracy: Mapping[str, float], *, order: Sequence[str] = ORDER
         return order[-1]
     rank = {m: i for i, m in enumerate(order)}
     return max(val_accuracy, key=lambda m: (round(val_accuracy[m], 6), rank.get(m, -1)))
+
+
+def model_to_use(health: Path, models: Path = Path("models")) -> Path:
+    """The checkpoint of the model to use, as evaluate chose it (health.json's `use`): the one rule that
+    the summary, the model card, the registry and `sstl predict` follow. The fine-tuned student where
+    evaluate has not run yet."""
+    use = json.loads(health.read_text(encoding="utf-8")).get("use") if health.is_file() else None
+    return models / f"{use or ORDER[-1]}.pt"
 
 
 def warn(stage: str, messages: Sequence[str]) -> None:

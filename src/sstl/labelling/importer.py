@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -12,10 +13,14 @@ from pathlib import Path
 
 from sstl.core.errors import SstlError
 from sstl.core.files import atomic_path, check_writable, read_csv
-from sstl.data.images import children, is_hidden
+from sstl.data.images import IMAGE_SUFFIXES, children, is_hidden
 
 RECORD = "label-imports.csv"  # at the photo folder's root: prepare never reads it (only the split folders)
 RECORD_FIELDS = ("time", "source", "destination", "label", "guess", "queue")
+QUEUE_COLUMNS = ("rank", "image", "source", "guess", "guess_probability", "second_guess", "score", "label")
+# a new class's name: a folder name on every system and a safe spreadsheet cell (no leading = + - @, no
+# control, zero-width or other invisible characters); \w is Unicode-aware, so non-Latin names are fine
+CLASS_NAME = re.compile(r"[^\W_](?:[\w .-]*[\w.-])?")
 
 
 def folder_classes(folder: Path) -> list[str]:
@@ -43,19 +48,29 @@ class ImportPlan:
 
 
 def read_labels(path: Path) -> list[dict[str, str]]:
-    """The rows of a labelled queue CSV; it must have `source` and `label` columns."""
+    """The rows of a labelled queue CSV; it must have one `source` and one `label` column, and a label
+    in at least one row. A byte-order mark (Excel's "CSV UTF-8") is read past."""
     if not Path(path).is_file():
         raise SstlError(f"{path} not found: pass the queue.csv that label-queue wrote, with its label column filled")
     try:
-        with Path(path).open(newline="", encoding="utf-8") as f:
+        with Path(path).open(newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
+            header = [name.strip() for name in reader.fieldnames or []]
+            reader.fieldnames = header
             rows = list(reader)
-            header = reader.fieldnames or []
     except (UnicodeDecodeError, csv.Error) as err:
         raise SstlError(f"{path} is not a readable CSV ({err}): export it as UTF-8 CSV") from None
     missing = [c for c in ("source", "label") if c not in header]
     if missing:
         raise SstlError(f"{path} has no {' or '.join(missing)} column: pass the queue.csv that label-queue wrote")
+    for name in ("source", "label"):
+        at = [i + 1 for i, c in enumerate(header) if c == name]
+        if len(at) > 1:  # DictReader would keep the last one without a word
+            raise SstlError(f"{path} has {len(at)} {name} columns (columns {', '.join(map(str, at))}): keep one")
+    if rows and not any((r.get("label") or "").strip() for r in rows):
+        filled = [c for c in header if c not in QUEUE_COLUMNS and any((r.get(c) or "").strip() for r in rows)]
+        hint = f"; column {filled[0]!r} has values: is the answer there? rename it to label" if filled else ""
+        raise SstlError(f"{path}: no row has a label (the label column is empty){hint}")
     return rows
 
 
@@ -70,8 +85,14 @@ def check_class_name(label: str, row: int, classes: Sequence[str], *, new_classe
             f"row {row}: unknown class {label!r}{hint}; known classes: {', '.join(classes)} "
             "(pass --new-classes to add it as a class)"
         )
-    if label in (".", "..") or "/" in label or "\\" in label or is_hidden(label):
-        raise SstlError(f"row {row}: {label!r} cannot be a class folder name: use letters, digits, - or _")
+    twin = [c for c in classes if c.casefold() == label.casefold()]
+    if twin:  # two folders on Linux, one on macOS and Windows, and a confusion everywhere
+        raise SstlError(f"row {row}: {label!r} differs from the class {twin[0]!r} only in case: use {twin[0]!r}")
+    if not CLASS_NAME.fullmatch(label) or label in (".", "..") or is_hidden(label):
+        raise SstlError(
+            f"row {row}: {label!r} cannot be a class name: use letters, digits, spaces, . - or _, "
+            "starting with a letter or a digit"
+        )
 
 
 def imported(record: list[dict[str, str]]) -> dict[str, dict[str, str]]:
@@ -95,6 +116,8 @@ def plan_import(
             continue
         check_class_name(label, row, classes, new_classes=new_classes)
         source = Path(os.path.abspath(entry.get("source") or ""))
+        if os.path.lexists(source):
+            check_source(source, row)
         if not in_pool(source, pool):
             raise SstlError(
                 f"row {row}: source {source} is not in {pool}/: pass --folder, the photo folder the queue was made from"
@@ -120,11 +143,21 @@ def plan_import(
 
 
 def in_pool(source: Path, pool: str) -> bool:
-    """Whether `source` lies under the pool folder, also when one of the two was named through a link."""
-    if str(source).startswith(pool + os.sep):
-        return True
-    parent, real_pool = os.path.realpath(source.parent), os.path.realpath(pool)
-    return parent == real_pool or parent.startswith(real_pool + os.sep)
+    """Whether `source` lies in the pool by its real path: a linked folder inside unlabeled/ that leads
+    elsewhere does not bring its files in (the photo folder itself may be named through a link)."""
+    return os.path.realpath(source).startswith(os.path.realpath(pool) + os.sep)
+
+
+def check_source(source: Path, row: int) -> None:
+    """Only a photo moves: a regular file with an image suffix, not a link, a folder or a FIFO."""
+    if source.suffix.lower() not in IMAGE_SUFFIXES:
+        raise SstlError(
+            f"row {row}: {source} is not an image file ({', '.join(sorted(IMAGE_SUFFIXES))}): remove the row"
+        )
+    if os.path.islink(source):
+        raise SstlError(f"row {row}: {source} is a symbolic link: label-import moves photos, not links; remove the row")
+    if not os.path.isfile(source):
+        raise SstlError(f"row {row}: {source} is not a regular file: only photos move, remove the row")
 
 
 def already_imported(done: dict[str, str] | None, label: str, folder: Path, row: int, source: Path) -> bool:
@@ -159,11 +192,13 @@ def move_all(moves: list[Move]) -> None:
                 made.append(current.destination.parent)
             move(current.source, current.destination)
             done.append(current)
-    except (OSError, SstlError) as err:
+    except (OSError, SstlError, KeyboardInterrupt) as err:
         for m in reversed(done):
             move(m.destination, m.source)
         for folder in reversed(made):
             folder.rmdir()
+        if isinstance(err, KeyboardInterrupt):
+            raise SstlError(f"interrupted: the {len(done)} photos moved so far went back; nothing imported") from None
         if isinstance(err, SstlError):
             raise
         raise SstlError(
@@ -173,25 +208,21 @@ def move_all(moves: list[Move]) -> None:
 
 
 def move(source: Path, destination: Path) -> None:
-    """A rename (shutil.move across file systems); a symbolic link with a relative target is re-pointed
-    so that it still reaches its photo from the new folder."""
-    if os.path.islink(source) and not os.path.isabs(target := os.readlink(source)):
-        real = os.path.normpath(os.path.join(os.path.dirname(source), target))
-        os.symlink(os.path.relpath(real, destination.parent), destination)
-        os.remove(source)
-        return
+    """A rename (shutil.move across file systems)."""
     shutil.move(source, destination)
 
 
 def append_record(folder: Path, moves: list[Move], queue: Path, now: datetime | None = None) -> Path:
-    """<folder>/label-imports.csv += one row per move (time, source, destination, label, guess, queue)."""
+    """<folder>/label-imports.csv += one row per move (time, source, destination, label, guess, queue),
+    but for moves it already records (an import resumed after a kill records each move once)."""
     path = Path(folder) / RECORD
     when = (now or datetime.now(timezone.utc)).isoformat(timespec="seconds")
-    lines = [RECORD_FIELDS] if not path.is_file() else []
-    lines += [
-        (when, relative_to(folder, m.source), relative_to(folder, m.destination), m.label, m.guess, str(queue))
-        for m in moves
-    ]
+    known = {(r["source"], r["destination"]) for r in read_record(folder)}
+    lines: list[tuple[str, ...]] = [RECORD_FIELDS] if not path.is_file() else []
+    for m in moves:
+        source, destination = relative_to(folder, m.source), relative_to(folder, m.destination)
+        if (source, destination) not in known:
+            lines.append((when, source, destination, m.label, m.guess, str(queue)))
     old = path.read_text(encoding="utf-8") if path.is_file() else ""
     with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         f.write(old)
@@ -218,8 +249,19 @@ def import_labels(csv_path: Path, *, folder: Path, new_classes: bool = False) ->
     record = Path(folder) / RECORD
     if plan.moves:
         check_writable(record)  # a read-only folder fails here, before any move
-        move_all(plan.moves)
+        before = record.read_bytes() if record.is_file() else None
+        # the record first: an import killed between two moves is resumed by the next one (the moved rows
+        # are then recorded and gone from unlabeled/, the others move), never left unrecorded
         append_record(folder, plan.moves, Path(os.path.abspath(csv_path)))
+        try:
+            move_all(plan.moves)
+        except SstlError:  # every photo went back: so does the record
+            if before is None:
+                record.unlink()
+            else:
+                with atomic_path(record) as tmp:
+                    tmp.write_bytes(before)
+            raise
     moved: dict[str, int] = {}
     for m in plan.moves:
         moved[m.label] = moved.get(m.label, 0) + 1

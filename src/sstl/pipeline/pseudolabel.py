@@ -13,9 +13,10 @@ import torch
 
 from sstl.config.pseudo import SelectConfig
 from sstl.core.errors import SstlError
+from sstl.core.files import file_digest
 from sstl.data.dataset import ImageSet, load_images
 from sstl.models.classifier import Classifier
-from sstl.pseudo.pool import file_digest, select_pool_logits
+from sstl.pseudo.pool import select_pool_logits
 from sstl.pseudo.select import soft_targets
 from sstl.runtime.device import Runtime
 

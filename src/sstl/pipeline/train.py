@@ -18,7 +18,7 @@ from torch.nn.functional import one_hot
 
 from sstl.config.model import ModelConfig
 from sstl.config.train import TrainConfig
-from sstl.core.files import check_writable, read_csv, read_json, write_csv
+from sstl.core.files import check_writable, file_digest, read_csv, read_json, write_csv
 from sstl.data.dataset import ImageSet, load_classes, load_packing, load_split
 from sstl.data.transforms import Augmenter, augmenter
 from sstl.models.checkpoint import load_checkpoint, save_checkpoint
@@ -26,7 +26,6 @@ from sstl.models.classifier import Classifier
 from sstl.models.factory import create_model
 from sstl.params import Params, TeacherParams
 from sstl.pipeline.pseudolabel import pseudo_targets
-from sstl.pseudo.pool import file_digest
 from sstl.runtime.distributed import distributed, world
 from sstl.track import tracking
 from sstl.train.loop import FitResult, fit, seed_everything

@@ -13,11 +13,11 @@ import torch
 
 from sstl.config.train import SpaceEntry
 from sstl.core.errors import DivergedError
+from sstl.core.files import file_digest
 from sstl.data.dataset import ImageSet
 from sstl.data.transforms import augmenter
 from sstl.params import TeacherParams
 from sstl.pipeline.train import build_model
-from sstl.pseudo.pool import file_digest
 from sstl.runtime.device import Runtime
 from sstl.track import tracking
 from sstl.train.loop import fit

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import pickle
@@ -30,14 +29,6 @@ STATE_VERSION = 2  # 2: the state keeps the held images' logits (soft pseudo-lab
 
 def accumulator(cfg: SelectConfig, num_classes: int) -> Accumulator:
     return TopK(num_classes, cfg.top_k, cfg.top_p) if cfg.method == "topk" else Threshold(cfg.threshold)
-
-
-def file_digest(path: Path | str) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def state_file(state_dir: Path, rank: int, size: int) -> Path:

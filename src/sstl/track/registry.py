@@ -39,11 +39,12 @@ import sstl
 from sstl.config.runtime import Tta
 from sstl.core.environment import package_version
 from sstl.core.errors import SstlError
+from sstl.core.files import file_digest
 from sstl.data.images import UnreadableImage, decode
 from sstl.models.checkpoint import load_checkpoint
 from sstl.models.inference import infer
 from sstl.runtime.device import CPU
-from sstl.track.tracking import model_store, store_lock
+from sstl.track.tracking import model_store, store_lock, tracking_uri
 
 CHAMPION = "champion"
 SIGNATURE = ModelSignature(
@@ -217,11 +218,25 @@ def publish(
         scores = Scores.of(metrics, data)
         for key, value in scores.tags().items():  # before the alias can point here: a champion has scores
             client.set_model_version_tag(name, version, key, value)
+        client.set_model_version_tag(name, version, "model", checkpoint.stem)  # teacher, student, finetuned, ...
+        client.set_model_version_tag(name, version, "checkpoint_sha256", file_digest(checkpoint))
         decision = crown(client, name=name, version=version, scores=scores)
         for key, value in decision.items():
             client.set_model_version_tag(name, version, key, value)
     mlflow.set_tags({f"sstl.{k}": v for k, v in decision.items()} | {"sstl.model_version": version})
     return decision
+
+
+def champion_version(name: str) -> Any | None:
+    """The version the champion alias points at in the project's store, or None (no such model, or no
+    alias yet). A store that does not exist yet is not created for the question."""
+    if not Path(tracking_uri().removeprefix("sqlite:///")).is_file() and tracking_uri().startswith("sqlite:///"):
+        return None
+    with store_lock(), model_store():
+        try:
+            return MlflowClient().get_model_version_by_alias(name, CHAMPION)
+        except MlflowException:
+            return None
 
 
 def crown(client: MlflowClient, *, name: str, version: str, scores: Scores) -> dict[str, str]:

@@ -40,8 +40,6 @@ STORE, ARTIFACTS_DIR = "mlflow.db", "mlartifacts"
 
 
 logging.getLogger("mlflow").setLevel(logging.WARNING)
-
-
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
