@@ -7,11 +7,6 @@ import io
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -113,31 +108,6 @@ def test_help_on_every_command() -> None:
     for cmd in (*commands, ["check"], ["label-queue"], ["label-import"]):
         res = runner.invoke(app, [*cmd, "--help"])
         assert res.exit_code == 0 and "Usage" in res.stdout
-
-
-def test_ui_serves_the_mlflow_store(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'ui.db'}"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sstl.cli", "ui", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline, body = time.time() + 90, ""
-        while time.time() < deadline and not body:
-            try:
-                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read().decode()
-            except OSError:
-                time.sleep(1)
-        assert body.strip() == "OK"
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
 
 
 def test_profile_merges_into_params_and_refuses_bad_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,6 +11,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import pytest
 from conftest import finishes, unprivileged
 from PIL import Image
 
-from sstl.data.images import UnreadableImage, clean_message, decode, is_hidden, read_file, walk
+from sstl.data.images import UnreadableImage, clean_message, decode, is_hidden, printable, read_file, walk
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 
@@ -286,7 +287,7 @@ def test_read_file_permission_denied_for_real(tmp_path: Path) -> None:
     assert res.stdout.strip() == "unreadable: permission denied", res.stdout + res.stderr
 
 
-def test_walk_skips_hidden_follows_folder_links_and_reports_loops(tmp_path: Path) -> None:
+def test_walk_skips_hidden_follows_links_inside_and_reports_loops_and_links_out(tmp_path: Path) -> None:
     root = tmp_path / "pool"
     for rel in ("a.png", "sub/b.png", ".DS_Store", ".git/objects/x.png", "__MACOSX/._a.png", "sub/._b.png"):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -294,16 +295,52 @@ def test_walk_skips_hidden_follows_folder_links_and_reports_loops(tmp_path: Path
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "elsewhere" / "c.png").write_bytes(PNG)
     (root / "linked").symlink_to(tmp_path / "elsewhere")
+    (root / "c.png").symlink_to(tmp_path / "elsewhere" / "c.png")
+    (root / "alias").symlink_to(root / "sub")  # a second way into sub/: scanned once
+    (root / "b.png").symlink_to(root / "sub" / "b.png")  # a link to a photo inside: read
     (root / "sub" / "up").symlink_to(root)
     (root / "broken.png").symlink_to(tmp_path / "missing.png")
     found = {p.relative_to(root).as_posix(): problem for p, problem in finishes(lambda: list(walk(root)))}
     assert found == {
         "a.png": "",
+        "alias": f"symbolic link to a folder scanned already ({root / 'sub'}): not scanned twice",
+        "b.png": "",
         "broken.png": "broken symbolic link (its target is missing)",
-        "linked/c.png": "",
+        "c.png": "symbolic link to a file outside the photo folder: not read",
+        "linked": "symbolic link to a folder outside the photo folder: not followed",
         "sub/b.png": "",
         "sub/up": "symbolic link loop (a link to a folder that contains it)",
     }
+
+
+def test_walk_is_bounded_by_links_to_the_root_and_by_many_links(tmp_path: Path) -> None:
+    root = tmp_path / "photos"
+    (root / "cat").mkdir(parents=True)
+    (root / "cat" / "everything").symlink_to("/")  # a class folder linked to the whole machine
+    # 24 levels, each with two links to the next: 2^24 paths when every link is followed
+    for level in range(24):
+        here = root / "deep" / f"l{level}"
+        here.mkdir(parents=True)
+        (here / "x.png").write_bytes(PNG)
+    for level in range(23):
+        for name in ("left", "right"):
+            (root / "deep" / f"l{level}" / name).symlink_to(root / "deep" / f"l{level + 1}")
+    start = time.monotonic()
+    found = finishes(lambda: list(walk(root)))
+    assert time.monotonic() - start < 10
+    assert (root / "cat" / "everything", "symbolic link to a folder outside the photo folder: not followed") in found
+    assert sum(1 for p, problem in found if p.name == "x.png" and not problem) == 24  # each photo once
+
+
+def test_a_file_name_that_is_not_utf8_is_reported_not_followed(tmp_path: Path) -> None:
+    root = tmp_path / "pool"
+    root.mkdir()
+    (root / "ok.png").write_bytes(PNG)
+    bad = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes, as an old camera or a Windows zip writes them
+    (root / bad).write_bytes(PNG)
+    found = dict(walk(root))
+    assert found[root / "ok.png"] == "" and found[root / bad] == "file name is not valid UTF-8: rename it"
+    assert printable(root / bad).endswith("caf\ufffd.png")
 
 
 def test_walk_reports_an_unreadable_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

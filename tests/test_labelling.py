@@ -434,13 +434,8 @@ def test_csv_shapes_that_would_import_the_wrong_thing_are_refused(tmp_path: Path
     assert (folder / "labeled/cat/a.jpg").is_file()
 
 
-def test_an_import_killed_mid_move_is_resumed_by_the_next(tmp_path: Path) -> None:
-    folder = _pool(tmp_path)
-    for i in range(40):
-        (folder / "unlabeled/day1" / f"p{i:02d}.jpg").write_bytes(b"photo %d" % i)
-    rows = "".join(f"{folder}/unlabeled/day1/p{i:02d}.jpg,{'cat' if i % 2 else 'dog'}\n" for i in range(40))
-    labels = _labels(tmp_path, "source,label\n" + rows)
-    # a slow file system: every move takes a while, so the kill lands between two of them
+def _slow_import(tmp_path: Path, labels: Path, folder: Path) -> subprocess.Popen[str]:
+    """`sstl label-import` on a slow file system: every move takes a while, so a signal lands between two."""
     slow = tmp_path / "slow.py"
     slow.write_text(
         "import shutil, sys, time\n"
@@ -451,12 +446,42 @@ def test_an_import_killed_mid_move_is_resumed_by_the_next(tmp_path: Path) -> Non
         "sys.argv = ['sstl', 'label-import', sys.argv[1], '--folder', sys.argv[2]]\n"
         "app()\n"
     )
-    proc = subprocess.Popen([sys.executable, str(slow), str(labels), str(folder)])
+    proc = subprocess.Popen([sys.executable, str(slow), str(labels), str(folder)], stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not any((folder / "labeled/cat").iterdir()) and not any((folder / "labeled/dog").iterdir()):
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.01)
     time.sleep(0.3)
+    return proc
+
+
+def _forty(tmp_path: Path) -> tuple[Path, Path]:
+    folder = _pool(tmp_path)
+    for i in range(40):
+        (folder / "unlabeled/day1" / f"p{i:02d}.jpg").write_bytes(b"photo %d" % i)
+    rows = "".join(f"{folder}/unlabeled/day1/p{i:02d}.jpg,{'cat' if i % 2 else 'dog'}\n" for i in range(40))
+    return folder, _labels(tmp_path, "source,label\n" + rows)
+
+
+def test_ctrl_c_during_an_import_moves_everything_back_and_says_so(tmp_path: Path) -> None:
+    folder, labels = _forty(tmp_path)
+    before = tree(folder)
+    proc = _slow_import(tmp_path, labels, folder)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    lines = stderr.strip().splitlines()
+    assert (
+        len(lines) == 1
+        and lines[0].startswith("error: interrupted: the ")
+        and "went back; nothing imported" in lines[0]
+    )
+    assert tree(folder) == before  # every photo back, no record
+
+
+def test_an_import_killed_mid_move_is_resumed_by_the_next(tmp_path: Path) -> None:
+    folder, labels = _forty(tmp_path)
+    proc = _slow_import(tmp_path, labels, folder)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     moved = len(list((folder / "labeled").rglob("*.jpg")))

@@ -178,9 +178,13 @@ def test_a_fresh_clone_runs_every_readme_command_after_sstl_run(project: Path, t
     ui = subprocess.Popen([*sstl, "ui", "--port", str(port)], cwd=clone, env=env, start_new_session=True)
     try:
         _wait_http(f"http://127.0.0.1:{port}/", ui, "sstl ui")
+        ui.send_signal(signal.SIGHUP)  # the terminal closed: the server goes with it, the port is free
+        assert ui.wait(timeout=60) == 0
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
     finally:
-        os.killpg(ui.pid, signal.SIGTERM)
-        ui.wait(timeout=60)
+        if ui.poll() is None:
+            os.killpg(ui.pid, signal.SIGKILL)
 
 
 def test_a_bad_param_under_plain_dvc_repro_loses_no_uncached_output(project: Path) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import finishes, unprivileged
+from conftest import ROOT, finishes, unprivileged
 from PIL import Image
 
 from sstl.core.errors import SstlError
@@ -391,20 +391,28 @@ def test_broken_links_fifos_sockets_are_skipped_and_listed(folder: Path, tmp_pat
     assert summary.as_metrics()["n_skipped"] == len(expected)
 
 
-def test_links_to_photos_and_linked_class_folders_are_followed(folder: Path, tmp_path: Path) -> None:
+def test_links_inside_the_photo_folder_are_followed_links_out_are_listed(folder: Path, tmp_path: Path) -> None:
     rng = np.random.default_rng(21)
     outside = tmp_path / "elsewhere"
     for i in range(3):
         write(outside / "dogs" / f"d{i}.png", png_bytes(rng))
+        write(folder / "store" / "dogs" / f"d{i}.png", png_bytes(rng))  # kept in the photo folder, linked in
     write(outside / "u.png", png_bytes(rng))
-    (folder / "labeled" / "dog").symlink_to(outside / "dogs")
-    (folder / "unlabeled" / "linked.png").symlink_to(outside / "u.png")
+    write(folder / "store" / "u.png", png_bytes(rng))
+    (folder / "labeled" / "dog").symlink_to(folder / "store" / "dogs")
+    (folder / "labeled" / "wolf").symlink_to(outside / "dogs")
+    (folder / "unlabeled" / "linked.png").symlink_to(folder / "store" / "u.png")
+    (folder / "unlabeled" / "out.png").symlink_to(outside / "u.png")
     out = tmp_path / "prepared"
     summary = prepare_folder(folder, out, image_size=SIZE, val_fraction=0.25, seed=0)
-    assert summary.skipped == []
-    assert summary.classes == [*CLASSES, "dog"]
+    assert skipped_reasons(out, folder) == {
+        "labeled/wolf": "symbolic link to a folder outside the photo folder: not followed",
+        "unlabeled/out.png": "symbolic link to a file outside the photo folder: not read",
+    }
+    assert summary.classes == [*CLASSES, "dog"]  # wolf's photos are not the photo folder's
     paths = {r["path"] for r in read_csv(out / "manifest.csv")}
     assert "unlabeled/linked.png" in paths and {f"labeled/dog/d{i}.png" for i in range(3)} & paths
+    assert not any("wolf" in p or "out.png" in p for p in paths)
 
 
 def test_file_that_vanishes_after_the_scan_is_skipped(
@@ -747,3 +755,49 @@ def test_a_data_folder_that_is_no_folder_is_named_with_the_fix(tmp_path: Path, k
     said = "is a file, not a folder" if kind == "file" else "not found"
     assert f"data folder {target} {said}" in str(info.value) and "set data.folder" in str(info.value)
     assert not (tmp_path / "prepared").exists()  # nothing half-written
+
+
+def test_a_refused_or_failing_prepare_leaves_the_previous_output_whole(folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "prepared"
+    prepare_folder(folder, out, image_size=SIZE, val_fraction=0.25, seed=0)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "skipped.csv"}
+    write(folder / "unlabeled" / "new.png", png_bytes(np.random.default_rng(5)))  # would change the arrays
+    shutil.rmtree(folder / "test")
+    (folder / "test").mkdir()  # now empty: refused after every image was read
+    with pytest.raises(SstlError, match="test"):
+        prepare_folder(folder, out, image_size=SIZE, val_fraction=0.25, seed=0)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "skipped.csv"} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".prepared")]  # no temp folder left
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped_and_listed(folder: Path, tmp_path: Path) -> None:
+    bad = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes in a name: no UTF-8 CSV could hold it
+    write(folder / "unlabeled" / bad, png_bytes(np.random.default_rng(6)))
+    out = tmp_path / "prepared"
+    summary = prepare_folder(folder, out, image_size=SIZE, val_fraction=0.25, seed=0)
+    assert skipped_reasons(out, folder) == {"unlabeled/caf\ufffd.png": "file name is not valid UTF-8: rename it"}
+    assert summary.counts["unlabeled"] == 3
+
+
+def test_an_unreadable_data_folder_is_one_line_for_sstl_run_and_status(folder: Path, tmp_path: Path) -> None:
+    # chmod 000 on the photo folder; root reads it anyway, so the commands run without root's bypass
+    prefix = unprivileged()
+    if prefix is None:
+        pytest.skip("running as root without a working setpriv: chmod 000 stays readable, nothing is denied")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "params.yaml").write_text(f"data: {{folder: {folder}}}\n")
+    shutil.copy(ROOT / "dvc.yaml", project / "dvc.yaml")
+    folder.chmod(0)
+    try:
+        for command in ("run", "status"):
+            res = subprocess.run(
+                [*prefix, sys.executable, "-m", "sstl.cli", command], cwd=project, capture_output=True, text=True
+            )
+            assert res.returncode == 1, res.stderr
+            assert res.stderr.strip().splitlines() == [
+                f"error: cannot read data folder {folder}: unreadable: permission denied: make it readable "
+                "(chmod) or set data.folder in params.yaml to another folder"
+            ]
+    finally:
+        folder.chmod(0o755)

@@ -6,6 +6,7 @@ store like `evaluate` does, served with MLflow's own scoring server and asked ov
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import shutil
@@ -209,3 +210,77 @@ def test_predict_and_serve_name_a_missing_model_in_one_line(store: Path, tmp_pat
     res = CliRunner().invoke(app, ["predict", str(photo), "--model", "models:/nothing@champion"])
     assert res.exit_code == 1 and res.stderr.startswith("error: model models:/nothing@champion")
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_serve_refuses_what_would_hurt_it_in_one_line_each(digits: tuple[Path, Path], store: Path) -> None:
+    checkpoint, test_folder = digits
+    with mlflow.start_run():
+        publish(checkpoint, name=NAME, metrics=scores(0.9, None), tta="none", example=np.zeros((8, 8, 3), np.uint8))
+    port = free_port()
+    limits = {"max_body_mb": 0.05, "max_pixels": 64 * 64, "max_images": 4}
+    cmd = [sys.executable, "-m", "sstl.track.serve", "--model", f"models:/{NAME}@{CHAMPION}", "--port", str(port)]
+    server = subprocess.Popen(
+        [*cmd, "--config", json.dumps(limits)], cwd=store, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def ask(body: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+        request = urllib.request.Request(
+            f"{url}/invocations", body, {"Content-Type": "application/json"} | (headers or {})
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    def images(*pngs: bytes) -> bytes:
+        data = [[base64.b64encode(p).decode()] for p in pngs]
+        return json.dumps({"dataframe_split": {"columns": ["image"], "data": data}}).encode()
+
+    photo = next(test_folder.glob("*/*.png")).read_bytes()
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (200, 200)).save(buf, format="PNG")  # 40,000 px in a few hundred bytes
+    big = buf.getvalue()
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                if urllib.request.urlopen(f"{url}/ping", timeout=2).status == 200:
+                    break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, "the server did not start"
+                time.sleep(1)
+        status, body = ask(images(photo))
+        assert status == 200 and body["predictions"][0]["class"] in CLASSES
+        refused = {
+            "csv": ask(b"image\nabc\n", {"Content-Type": "text/csv"}),
+            "another site": ask(images(photo), {"Origin": "http://evil.example"}),
+            "rebinding": ask(images(photo), {"Host": f"evil.example:{port}"}),
+            "big body": ask(b'{"inputs": ["' + b"A" * 80_000 + b'"]}'),
+            "bomb": ask(images(big)),
+            "no image": ask(json.dumps({"dataframe_split": {"columns": ["image"], "data": []}}).encode()),
+            "too many": ask(images(*[photo] * 5)),
+            "not json": ask(b"{not json"),
+            "not an image": ask(images(b"not an image")),
+            "layout": ask(b'{"rows": []}'),
+        }
+        expected = {
+            "csv": 415, "another site": 403, "rebinding": 403, "big body": 413, "bomb": 413, "no image": 400,
+            "too many": 413, "not json": 400, "not an image": 400, "layout": 400,
+        }  # fmt: skip
+        assert {k: s for k, (s, _) in refused.items()} == expected
+        for what, (_, body) in refused.items():
+            assert set(body) == {"error_code", "message"}, what
+            assert "\n" not in body["message"] and "Traceback" not in body["message"], what
+            assert str(store) not in body["message"] and "site-packages" not in body["message"], what
+        assert "200 x 200 px, over serve.max_pixels" in refused["bomb"][1]["message"]
+        assert refused["not an image"][1]["message"].startswith("image 0: ")
+        status, _ = ask(images(photo))  # still serving
+        assert status == 200
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+    assert "Traceback" not in server.stderr.read()

@@ -218,6 +218,8 @@ TUNE = {
     "teacher": {"arch": "convnet_s", "head_epochs": 1, "batch_size": 20, "hidden_size": 16},
 }
 TUNE_OUT = ("best_params.json", "trials.csv", "convergence.csv")
+# the stage's own arguments, as dvc.yaml's cmd gives them (its paths are written there once)
+TUNE_ARGS = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["tune"]["cmd"].split()[2:]
 
 
 def tune_project(root: Path) -> Path:
@@ -251,7 +253,7 @@ def kill_during_trial(project: Path, trial: int) -> None:
     """Run the tune stage in a child; SIGKILL it a random moment after trial `trial` saved an epoch."""
     env = os.environ | {"OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(ROOT / "src")}
     child = subprocess.Popen(
-        [sys.executable, str(ROOT / "stages" / "tune.py")], cwd=project, env=env, stdout=subprocess.DEVNULL
+        [sys.executable, str(ROOT / "stages" / "tune.py"), *TUNE_ARGS], cwd=project, env=env, stdout=subprocess.DEVNULL
     )
     mark, deadline = project / f".sstl-state/tune/trial-{trial:02d}.pt", time.monotonic() + 300
     while not mark.exists() and child.poll() is None and time.monotonic() < deadline:
@@ -275,6 +277,7 @@ def test_tune_killed_in_a_trial_resumes_byte_identical(
             saved = json.loads((project / ".sstl-state/tune/trials.json").read_text())
             assert len(saved["trials"]) >= trial, trial
         monkeypatch.chdir(project)
+        monkeypatch.setattr(sys, "argv", ["tune.py", *TUNE_ARGS])
         capsys.readouterr()
         stage.main()
         log = capsys.readouterr().out

@@ -17,6 +17,7 @@ from sstl.config.data import CorruptConfig, NearDupConfig
 from sstl.config.model import ModelConfig
 from sstl.config.pseudo import SelectConfig
 from sstl.config.runtime import DEVICE_HELP, TTA_HELP, Precision, Tta
+from sstl.config.serve import ServeConfig
 from sstl.config.train import AugmentConfig, PretrainConfig, SpaceEntry, TrainConfig
 from sstl.core.errors import ParamsError, SstlError
 from sstl.core.files import write_text
@@ -213,6 +214,7 @@ class Params(Strict):
     )
     finetune: FinetuneParams = FinetuneParams()
     evaluate: EvaluateParams = EvaluateParams()
+    serve: ServeConfig = ServeConfig()
 
     def runtime(self, part: Literal["train", "infer"]) -> Runtime:
         """The device and precision of a stage: built once at its top, passed to all it computes."""

@@ -287,30 +287,33 @@ def serve(
     port: Annotated[int, typer.Option(help="port to serve on")] = 5001,
     host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
 ) -> None:
-    """Serve the champion model over HTTP with MLflow's scoring server: POST /invocations with base64 images.
+    """Serve the champion model over HTTP: POST /invocations with base64 images (MLflow's protocol).
 
     Example: {"dataframe_split": {"columns": ["image"], "data": [["<base64 JPEG>"]]}} -> class,
-    probability and the probability of every class per image."""
+    probability and the probability of every class per image. Limits: params.yaml's serve section."""
+    from sstl.config.serve import ServeConfig
     from sstl.params import load_params
     from sstl.track.registry import CHAMPION, champion_version
     from sstl.track.tracking import project_root, tracking_uri
 
     with user_errors():
+        check_port(host, port)
+        params = load_params(PARAMS) if PARAMS.is_file() else None
         if model is None:
-            name = load_params(PARAMS).mlflow.model_name
+            name = params.mlflow.model_name if params is not None else None
             if not name:
                 raise SstlError(
-                    "mlflow.model_name is null in params.yaml: set it, or pass --model models:/<name>@<alias>"
+                    "mlflow.model_name is not set in params.yaml: set it, or pass --model models:/<name>@<alias>"
                 )
             if champion_version(name) is None:
                 raise SstlError(
                     f"{name} has no champion in this project's store: run `sstl run` first (it registers one)"
                 )
             model = f"models:/{name}@{CHAMPION}"
-        check_port(host, port)
+        limits = params.serve if params is not None else ServeConfig()
         typer.echo(f"serving {model} from {tracking_uri()} at http://{host}:{port}/invocations (Ctrl+C to stop)")
-        cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model, "--env-manager", "local"]
-        cmd += ["--host", host, "--port", str(port), "--workers", "1"]
+        cmd = [sys.executable, "-m", "sstl.track.serve", "--model", model, "--host", host, "--port", str(port)]
+        cmd += ["--config", limits.model_dump_json()]
         env = os.environ | {"MLFLOW_TRACKING_URI": tracking_uri()}
         _exit(run_server(cmd, env=env, cwd=project_root()))
 

@@ -82,10 +82,13 @@ def before_dvc(overrides: Sequence[str] = ()) -> None:
     """What every command that starts DVC checks first: a readable dvc.lock, valid params, and the
     fingerprint of the photo folder (data/inventory.json, prepare's dep) brought up to date."""
     from sstl.data.inventory import refresh_inventory
+    from sstl.data.scan import check_folder
 
     check_lock()
-    params = _check_params(overrides)
-    refresh_inventory(Path(params.data.folder))
+    folder = Path(_check_params(overrides).data.folder)
+    if os.path.lexists(folder):  # there but unusable (a file, unreadable): one line now, not a failed stage
+        check_folder(folder)
+    refresh_inventory(folder)
 
 
 def status_check() -> None:
@@ -93,12 +96,14 @@ def status_check() -> None:
     per stale stage. Outputs merely absent (a fresh clone before `dvc pull`) do not count, and the photo
     folder's fingerprint is refreshed only when the folder is there (the demo's is an output)."""
     from sstl.data.inventory import refresh_inventory
+    from sstl.data.scan import check_folder
     from sstl.review.diff import stale_stages
     from sstl.review.dvc import dvc_json
 
     check_lock()
     folder = Path(_check_params().data.folder)
     if folder.exists():
+        check_folder(folder)
         refresh_inventory(folder)
     stale, absent = stale_stages(dvc_json(["status"]))
     for stage, changes in stale.items():

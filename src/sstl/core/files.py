@@ -49,6 +49,26 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
             os.remove(tmp)
 
 
+@contextmanager
+def atomic_folder(path: Path | str) -> Iterator[Path]:
+    """Yield a temp folder beside `path`; on success it replaces `path` (the old one renamed aside, then
+    removed), on error it is removed: readers see the old folder or the new one, never half of each."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        old = None
+        if path.is_dir() and not path.is_symlink():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old.")) / path.name
+            os.rename(path, old)
+        os.rename(tmp, path)
+        if old is not None:
+            shutil.rmtree(old.parent, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_error(path: Path, code: int) -> SstlError:
     """One line naming the folder, what went wrong and how much space is free there."""
     folder = Path(path).parent

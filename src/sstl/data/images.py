@@ -78,32 +78,70 @@ def classify(path: Path) -> tuple[bool, str]:
     return False, f"not a regular file ({kind})" if kind else ""
 
 
+def printable(path: Path | str) -> str:
+    """The path as text any file or terminal takes: a name that is not valid UTF-8 (os.listdir keeps
+    its bytes as lone surrogates, which no UTF-8 writer accepts) shows its bad bytes as U+FFFD."""
+    return os.fsencode(str(path)).decode("utf-8", "replace")
+
+
 def children(folder: Path) -> Iterator[tuple[Path, bool, str]]:
-    """(path, is a folder, problem) for each non-hidden entry of `folder`, sorted by name."""
+    """(path, is a folder, problem) for each non-hidden entry of `folder`, sorted by name. A name that is
+    not valid UTF-8 is reported, never followed or read: nothing downstream could write it."""
     for name in sorted(os.listdir(folder)):
-        if not is_hidden(name):
-            yield (folder / name, *classify(folder / name))
+        if is_hidden(name):
+            continue
+        if printable(name) != name:
+            yield folder / name, False, "file name is not valid UTF-8: rename it"
+            continue
+        yield (folder / name, *classify(folder / name))
 
 
-def walk(folder: Path, _ancestors: frozenset[tuple[int, int]] = frozenset()) -> Iterator[tuple[Path, str]]:
+def inside(path: Path | str, boundary: str) -> bool:
+    """Whether `path`'s real path (links resolved) is `boundary` (a real path) or under it."""
+    real = os.path.realpath(path)
+    return real == boundary or real.startswith(boundary.rstrip(os.sep) + os.sep)
+
+
+def walk(folder: Path, *, within: Path | None = None) -> Iterator[tuple[Path, str]]:
     """Every non-folder entry under `folder` (any depth, sorted) as (path, problem); problem '' = a regular file.
 
-    Hidden entries are left out. Symbolic links to folders are followed (users link class folders in),
-    a link back to an ancestor is reported once instead of looping; an unreadable folder is reported
-    as (folder, reason) rather than stopping the scan."""
+    Hidden entries are left out. Symbolic links are followed only where their real path stays inside
+    `within` (default: `folder`; users link class folders in from elsewhere in the photo folder): a link
+    out is reported, so a class folder linked to / scans nothing and no outside file becomes data.
+    Each real folder is scanned once: a loop, or a second link to a folder, is reported instead of
+    scanned again (a few dozen links could otherwise make millions of paths). An unreadable folder is
+    reported as (folder, reason) rather than stopping the scan."""
+    boundary = os.path.realpath(within if within is not None else folder)
+    yield from _walk(Path(folder), boundary, {}, frozenset())
+
+
+def _walk(
+    folder: Path, boundary: str, seen: dict[tuple[int, int], Path], ancestors: frozenset[tuple[int, int]]
+) -> Iterator[tuple[Path, str]]:
+    if not inside(folder, boundary):
+        yield folder, "symbolic link to a folder outside the photo folder: not followed"
+        return
     try:
         st = os.stat(folder)
         key = (st.st_dev, st.st_ino)
-        if key in _ancestors:
+        if key in ancestors:
             yield folder, "symbolic link loop (a link to a folder that contains it)"
             return
+        if key in seen:
+            yield folder, f"symbolic link to a folder scanned already ({printable(seen[key])}): not scanned twice"
+            return
+        seen[key] = folder
         entries = list(children(folder))
     except OSError as err:
         yield folder, f"folder {os_reason(err, folder)}"
         return
-    for path, is_dir, problem in entries:
+    # real folders before links to folders: a link to a folder that is also reached directly is the
+    # one reported as scanned already, never the folder itself (a stable sort keeps the names' order)
+    for path, is_dir, problem in sorted(entries, key=lambda e: e[1] and os.path.islink(e[0])):
         if is_dir:
-            yield from walk(path, _ancestors | {key})
+            yield from _walk(path, boundary, seen, ancestors | {key})
+        elif not problem and os.path.islink(path) and not inside(path, boundary):
+            yield path, "symbolic link to a file outside the photo folder: not read"
         else:
             yield path, problem
 

@@ -12,6 +12,8 @@ depends on the folder's fingerprint, data/inventory.json, instead: see refresh_i
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from tqdm import tqdm
 
 from sstl.config.data import CorruptConfig, NearDupConfig
 from sstl.core.errors import SstlError
-from sstl.core.files import write_csv, write_json
+from sstl.core.files import atomic_folder, write_csv, write_json
 from sstl.data.corruptions import corrupt
 from sstl.data.dataset import MANIFEST_FIELDS, SPLITS, save_images
 from sstl.data.images import UnreadableImage, decode, read_file
@@ -93,16 +95,44 @@ def prepare_folder(
     With `neardup` (enabled), unlabelled near-duplicates of val/test/test-add images are dropped too and
     listed in neardup.csv (unlabeled_path, eval_path, eval_split, similarity; paths relative to `root`,
     most similar first); without it neardup.csv is written empty. skipped.csv is written before the
-    checks, so a refused folder still shows which entries were skipped and why.
+    checks, so a refused folder still shows which entries were skipped and why. The folder is written
+    whole or not at all: a failed or killed run leaves the previous one as it was (but for skipped.csv,
+    the refused folder's skip list).
     """
     root, out = Path(root), Path(out)
+    with atomic_folder(out) as tmp:
+        return _prepare(root, tmp, image_size, val_fraction, seed, neardup, corrupt_test, interpolation, out)
+
+
+@contextmanager
+def _listed_if_refused(final: Path, skipped: list[dict[str, str]]) -> Iterator[None]:
+    """A check that refuses the folder: its skip list goes where the message points (`final`), the rest
+    of the previous output stays as it was."""
+    try:
+        yield
+    except SstlError:
+        write_csv(final / "skipped.csv", skipped, ("path", "reason"))
+        raise
+
+
+def _prepare(
+    root: Path,
+    out: Path,
+    image_size: int,
+    val_fraction: float,
+    seed: int,
+    neardup: NearDupConfig | None,
+    corrupt_test: CorruptConfig | None,
+    interpolation: str,
+    final: Path,
+) -> PrepareSummary:
     found = scan(root)
     skipped = list(found.skipped)
     inventory = {relative(root, r["path"]): SKIPPED + r["reason"] for r in skipped}
     kept, arrays = _read_all(root, found.entries, image_size, interpolation, skipped, inventory)
-    write_csv(out / "skipped.csv", skipped, ("path", "reason"))
-    note = f" ({len(skipped)} skipped entries are listed in {out / 'skipped.csv'})" if skipped else ""
-    classes = _check_classes(root, kept, found.class_dirs, note)
+    note = f" ({len(skipped)} skipped entries are listed in {final / 'skipped.csv'})" if skipped else ""
+    with _listed_if_refused(final, skipped):
+        classes = _check_classes(root, kept, found.class_dirs, note)
 
     val_from_folder = any(e.split == "val" for e in kept)
     if not val_from_folder:  # split val off first, so de-duplication covers it too
@@ -154,8 +184,9 @@ def prepare_folder(
 
     by_split = {split: [i for i in order if kept[i].split == split] for split in SPLITS}
     counts = {split: len(idx) for split, idx in by_split.items()}
-    _check_counts(root, counts, note)
-    write_csv(out / "skipped.csv", skipped, ("path", "reason"))  # now with the dropped duplicates
+    with _listed_if_refused(final, skipped):
+        _check_counts(root, counts, note)
+    write_csv(out / "skipped.csv", skipped, ("path", "reason"))  # with the dropped duplicates
     rows = []
     for split, idx in by_split.items():
         stack = np.stack([arrays[i] for i in idx]) if idx else np.zeros((0, image_size, image_size, 3), np.uint8)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sstl.core.errors import SstlError
-from sstl.data.images import IMAGE_SUFFIXES, children, classify, os_reason, walk
+from sstl.data.images import IMAGE_SUFFIXES, children, classify, inside, os_reason, printable, walk
 
 LABELLED_SPLITS = ("labeled", "val", "test", "test-add")
 EVAL_SPLITS = ("val", "test", "test-add")
@@ -32,7 +32,29 @@ class Scan:
 
 
 def skip(path: Path | str, reason: str) -> dict[str, str]:
-    return {"path": str(path), "reason": reason}
+    return {"path": printable(path), "reason": reason}
+
+
+def check_folder(root: Path) -> None:
+    """The photo folder exists, is a folder, can be read, and holds labeled/, unlabeled/ and test/;
+    else one line naming what is wrong and the fix."""
+    try:
+        if root.exists() and not root.is_dir():
+            raise SstlError(
+                f"data folder {root} is a file, not a folder: set data.folder in params.yaml to the folder that "
+                "holds labeled/, unlabeled/ and test/"
+            )
+        if not root.is_dir():
+            raise SstlError(f"data folder {root} not found: set data.folder in params.yaml to your image folder")
+        os.listdir(root)
+        for required in ("labeled", "unlabeled", "test"):
+            if not (root / required).is_dir():
+                raise SstlError(f"{root / required} not found: the data folder needs labeled/, unlabeled/ and test/")
+    except OSError as err:  # the folder (or one above it) cannot be read: permissions, a dead mount
+        raise SstlError(
+            f"cannot read data folder {root}: {os_reason(err, root)}: make it readable (chmod) or set data.folder "
+            "in params.yaml to another folder"
+        ) from None
 
 
 def scan(root: Path) -> Scan:
@@ -40,16 +62,7 @@ def scan(root: Path) -> Scan:
 
     Only stat() and listdir() are used: nothing is opened, so no FIFO can block the scan."""
     root = Path(root)
-    if root.exists() and not root.is_dir():
-        raise SstlError(
-            f"data folder {root} is a file, not a folder: set data.folder in params.yaml to the folder that holds "
-            "labeled/, unlabeled/ and test/"
-        )
-    if not root.is_dir():
-        raise SstlError(f"data folder {root} not found: set data.folder in params.yaml to your image folder")
-    for required in ("labeled", "unlabeled", "test"):
-        if not (root / required).is_dir():
-            raise SstlError(f"{root / required} not found: the data folder needs labeled/, unlabeled/ and test/")
+    check_folder(root)
     found = Scan()
     for split in LABELLED_SPLITS:
         is_dir, problem = classify(root / split)
@@ -57,13 +70,14 @@ def scan(root: Path) -> Scan:
             _scan_classes(root / split, split, found)
         elif os.path.lexists(root / split):  # e.g. test-add as a broken link: say so, not "absent"
             found.skipped.append(skip(root / split, problem or f"not a folder: {split}/ must be a folder"))
-    for path, problem in walk(root / "unlabeled"):
+    for path, problem in walk(root / "unlabeled", within=root):
         _add(found, path, problem, "unlabeled", "")
     return found
 
 
 def _scan_classes(folder: Path, split: str, found: Scan) -> None:
     """<split>/<class>/** : every non-hidden subfolder is a class; anything loose beside them is skipped."""
+    root = folder.parent  # the photo folder: links may lead anywhere inside it, not out
     try:
         items = list(children(folder))
     except OSError as err:
@@ -73,9 +87,12 @@ def _scan_classes(folder: Path, split: str, found: Scan) -> None:
         if not is_dir:
             _add(found, path, problem or f"not inside a class folder of {split}/", split, "")
             continue
+        if not inside(path, os.path.realpath(root)):  # a class folder linked in from outside
+            found.skipped.append(skip(path, "symbolic link to a folder outside the photo folder: not followed"))
+            continue
         if split == "labeled":
             found.class_dirs.append(path.name)
-        for file, file_problem in walk(path):
+        for file, file_problem in walk(path, within=root):
             _add(found, file, file_problem, split, path.name)
 
 
@@ -89,4 +106,4 @@ def _add(found: Scan, path: Path, problem: str, split: str, label: str) -> None:
 
 
 def relative(root: Path, path: Path | str) -> str:
-    return Path(path).relative_to(root).as_posix()
+    return Path(printable(path)).relative_to(printable(root)).as_posix()

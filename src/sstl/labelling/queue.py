@@ -22,7 +22,6 @@ import hashlib
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 
 from sstl.config.runtime import Tta
 from sstl.core.errors import SstlError
+from sstl.core.files import atomic_folder
 from sstl.data.images import IMAGE_SUFFIXES, UnreadableImage, decode, read_file, walk
 from sstl.labelling.rank import Features, check_strategy, rank, scores
 from sstl.models.checkpoint import load_checkpoint
@@ -54,7 +54,7 @@ def pool_files(folder: Path) -> list[Path]:
             f"{pool} not found: pass --folder, the photo folder that holds unlabeled/ "
             "(or set data.folder in params.yaml)"
         )
-    files = [p for p, problem in walk(pool) if not problem and p.suffix.lower() in IMAGE_SUFFIXES]
+    files = [p for p, problem in walk(pool, within=folder) if not problem and p.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise SstlError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {pool}: nothing to queue")
     return files
@@ -184,9 +184,7 @@ def write_queue(out: Path, rows: list[dict[str, str]], sources: Sequence[Path], 
     """Copies and queue.csv written into a temp folder beside `out`, then renamed into place: a killed or
     failed run leaves the old queue (or none), never half of one."""
     check_output(out, force=force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with atomic_folder(out) as tmp:
         (tmp / IMAGES).mkdir()
         (tmp / MARKER).write_text("written by sstl label-queue: --force may replace this folder\n", encoding="utf-8")
         for row, source in zip(rows, sources, strict=True):
@@ -195,20 +193,6 @@ def write_queue(out: Path, rows: list[dict[str, str]], sources: Sequence[Path], 
             writer = csv.DictWriter(f, fieldnames=QUEUE_FIELDS)
             writer.writeheader()
             writer.writerows(rows)
-        replace_folder(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def replace_folder(new: Path, out: Path) -> None:
-    """Rename `new` to `out`; an existing `out` is first renamed aside, then removed."""
-    old = None
-    if out.is_dir():
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old.")) / "queue"
-        os.rename(out, old)
-    os.rename(new, out)
-    if old is not None:
-        shutil.rmtree(old.parent, ignore_errors=True)
 
 
 @dataclass
