@@ -5,7 +5,7 @@
 
 Synthetic score rows (1,000 classes, uniform random in [0, 1), seeded per chunk so a row's scores do
 not depend on the chunking) are generated on the fly, CHUNK rows at a time, and fed to
-`sstl.stream.TopK(1000, k=16000, p=10)` (Yalniz et al. 2019: K = 16k images per class, each image
+`sstl.pseudo.stream.TopK(1000, k=16000, p=10)` (Yalniz et al. 2019: K = 16k images per class, each image
 competing for its top P = 10 classes). No more than one chunk of scores exists at any time.
 
 Each run is a fresh process, so that its peak RSS (ru_maxrss) is its own. The sizes run with one

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
-from sstl.eval.health import at_chance, check_models, collapse, recommend
+from sstl.eval.health import at_chance, check_models, collapse, model_to_use, recommend
 from sstl.eval.report import summary_markdown
 
 CLASSES = ["cat", "dog", "owl", "fox"]
@@ -51,3 +54,12 @@ def test_summary_names_the_model_to_use_warnings_and_absent_splits() -> None:
     text = summary_markdown(metrics, verdict)
     assert "test-add" not in text.splitlines()[0]  # no NaN column for a split that has no images
     assert "**Use: teacher**" in text and "**WARNING**: w1" in text and "left out: test-add" in text
+
+
+def test_the_model_to_use_is_the_one_health_json_names(tmp_path: Path) -> None:
+    # one rule: the summary's "Use:", the registered model and predict's default all read this file
+    health = tmp_path / "health.json"
+    assert model_to_use(health) == Path("models/finetuned.pt")  # before evaluate has run
+    health.write_text(json.dumps({"use": "teacher", "val_accuracy": {"teacher": 0.9, "finetuned": 0.8}}))
+    assert model_to_use(health) == Path("models/teacher.pt")
+    assert recommend({"teacher": 0.9, "student": 0.85, "finetuned": 0.8}) == "teacher"

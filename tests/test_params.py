@@ -16,7 +16,7 @@ from sstl.cli.app import app
 from sstl.config.train import SpaceEntry
 from sstl.core.errors import ParamsError, SstlError
 from sstl.models.architectures import ARCHS
-from sstl.params import Params, load_params, parse_params
+from sstl.params import Params, load_params, parse_params, read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS_YAML = ROOT / "params.yaml"
@@ -224,6 +224,15 @@ def test_a_key_given_twice_is_one_line_naming_both_lines(tmp_path: Path) -> None
     assert str(info.value) == f"{path}: key 'lr' appears twice (lines 3 and 5): keep one"
     res = CliRunner().invoke(app, ["check", "--params", str(path)])
     assert res.exit_code == 2 and res.output.strip().splitlines() == [f"error: {info.value}"]
+
+
+def test_yaml_merge_keys_still_load_and_a_list_as_a_key_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("base: &b {lr: 0.1}\nteacher:\n  <<: *b\n  epochs: 3\n", encoding="utf-8")
+    assert read_yaml(path)["teacher"] == {"lr": 0.1, "epochs": 3}
+    path.write_text("seed: 1\n? [a, b]\n: 2\n", encoding="utf-8")
+    with pytest.raises(ParamsError, match="a key must be a plain value"):
+        read_yaml(path)
 
 
 def test_unclosed_bracket_yaml(tmp_path: Path) -> None:

@@ -801,3 +801,13 @@ def test_an_unreadable_data_folder_is_one_line_for_sstl_run_and_status(folder: P
             ]
     finally:
         folder.chmod(0o755)
+
+
+def test_a_split_folder_that_is_a_link_to_another_disk_is_read(folder: Path, tmp_path: Path) -> None:
+    # unlabeled/ as a link to a big pool elsewhere is the split itself, not a link out of it
+    pool = tmp_path / "big-disk" / "pool"
+    shutil.move(folder / "unlabeled", pool)
+    (folder / "unlabeled").symlink_to(pool, target_is_directory=True)
+    out = tmp_path / "prepared"
+    summary = prepare_folder(folder, out, image_size=SIZE, val_fraction=0.25, seed=0)
+    assert summary.counts["unlabeled"] == 3 and skipped_reasons(out, folder) == {}

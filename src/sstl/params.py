@@ -7,6 +7,7 @@ written) and hands the typed pieces it needs to the library.
 from __future__ import annotations
 
 import io
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -311,9 +312,12 @@ class _UniqueKeys(yaml.SafeLoader):
     """PyYAML keeps the last of two equal keys without a word (DVC then fails in its own way): refuse them."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        self.flatten_mapping(node)  # `<<: *anchor` merge keys, as SafeLoader reads them
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                raise ParamsError(f"line {key_node.start_mark.line + 1}: a key must be a plain value, not {key!r}")
             if key in seen:
                 line = key_node.start_mark.line + 1
                 raise ParamsError(f"key {key!r} appears twice (lines {seen[key]} and {line}): keep one")

@@ -11,7 +11,7 @@ import io
 import os
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -96,27 +96,28 @@ def children(folder: Path) -> Iterator[tuple[Path, bool, str]]:
         yield (folder / name, *classify(folder / name))
 
 
-def inside(path: Path | str, boundary: str) -> bool:
-    """Whether `path`'s real path (links resolved) is `boundary` (a real path) or under it."""
+def inside(path: Path | str, boundaries: Sequence[str]) -> bool:
+    """Whether `path`'s real path (links resolved) is one of `boundaries` (real paths) or under one."""
     real = os.path.realpath(path)
-    return real == boundary or real.startswith(boundary.rstrip(os.sep) + os.sep)
+    return any(real == b or real.startswith(b.rstrip(os.sep) + os.sep) for b in boundaries)
 
 
-def walk(folder: Path, *, within: Path | None = None) -> Iterator[tuple[Path, str]]:
+def walk(folder: Path, *, within: Sequence[Path] = ()) -> Iterator[tuple[Path, str]]:
     """Every non-folder entry under `folder` (any depth, sorted) as (path, problem); problem '' = a regular file.
 
     Hidden entries are left out. Symbolic links are followed only where their real path stays inside
-    `within` (default: `folder`; users link class folders in from elsewhere in the photo folder): a link
+    `folder` or one of `within` (the photo folder, and a split folder that is itself a link, e.g.
+    unlabeled/ on another disk; users link class folders in from elsewhere in the photo folder): a link
     out is reported, so a class folder linked to / scans nothing and no outside file becomes data.
     Each real folder is scanned once: a loop, or a second link to a folder, is reported instead of
     scanned again (a few dozen links could otherwise make millions of paths). An unreadable folder is
     reported as (folder, reason) rather than stopping the scan."""
-    boundary = os.path.realpath(within if within is not None else folder)
+    boundary = tuple(os.path.realpath(b) for b in (folder, *within))
     yield from _walk(Path(folder), boundary, {}, frozenset())
 
 
 def _walk(
-    folder: Path, boundary: str, seen: dict[tuple[int, int], Path], ancestors: frozenset[tuple[int, int]]
+    folder: Path, boundary: tuple[str, ...], seen: dict[tuple[int, int], Path], ancestors: frozenset[tuple[int, int]]
 ) -> Iterator[tuple[Path, str]]:
     if not inside(folder, boundary):
         yield folder, "symbolic link to a folder outside the photo folder: not followed"

@@ -131,7 +131,8 @@ def _prepare(
     inventory = {relative(root, r["path"]): SKIPPED + r["reason"] for r in skipped}
     kept, arrays = _read_all(root, found.entries, image_size, interpolation, skipped, inventory)
     note = f" ({len(skipped)} skipped entries are listed in {final / 'skipped.csv'})" if skipped else ""
-    with _listed_if_refused(final, skipped):
+    listed = list(skipped)  # what a refusal lists (the note counts these), before de-duplication adds to it
+    with _listed_if_refused(final, listed):
         classes = _check_classes(root, kept, found.class_dirs, note)
 
     val_from_folder = any(e.split == "val" for e in kept)
@@ -184,7 +185,7 @@ def _prepare(
 
     by_split = {split: [i for i in order if kept[i].split == split] for split in SPLITS}
     counts = {split: len(idx) for split, idx in by_split.items()}
-    with _listed_if_refused(final, skipped):
+    with _listed_if_refused(final, listed):
         _check_counts(root, counts, note)
     write_csv(out / "skipped.csv", skipped, ("path", "reason"))  # with the dropped duplicates
     rows = []

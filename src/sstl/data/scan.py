@@ -70,14 +70,17 @@ def scan(root: Path) -> Scan:
             _scan_classes(root / split, split, found)
         elif os.path.lexists(root / split):  # e.g. test-add as a broken link: say so, not "absent"
             found.skipped.append(skip(root / split, problem or f"not a folder: {split}/ must be a folder"))
-    for path, problem in walk(root / "unlabeled", within=root):
+    for path, problem in walk(root / "unlabeled", within=[root]):
         _add(found, path, problem, "unlabeled", "")
     return found
 
 
 def _scan_classes(folder: Path, split: str, found: Scan) -> None:
     """<split>/<class>/** : every non-hidden subfolder is a class; anything loose beside them is skipped."""
-    root = folder.parent  # the photo folder: links may lead anywhere inside it, not out
+    # the photo folder, and the split folder itself (a link to another disk is fine): links may lead
+    # anywhere inside them, not out
+    allowed = [folder.parent, folder]
+    boundaries = [os.path.realpath(b) for b in allowed]
     try:
         items = list(children(folder))
     except OSError as err:
@@ -87,12 +90,12 @@ def _scan_classes(folder: Path, split: str, found: Scan) -> None:
         if not is_dir:
             _add(found, path, problem or f"not inside a class folder of {split}/", split, "")
             continue
-        if not inside(path, os.path.realpath(root)):  # a class folder linked in from outside
+        if not inside(path, boundaries):  # a class folder linked in from outside
             found.skipped.append(skip(path, "symbolic link to a folder outside the photo folder: not followed"))
             continue
         if split == "labeled":
             found.class_dirs.append(path.name)
-        for file, file_problem in walk(path, within=root):
+        for file, file_problem in walk(path, within=allowed):
             _add(found, file, file_problem, split, path.name)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import re
@@ -190,15 +191,21 @@ def move_all(moves: list[Move]) -> None:
             if not current.destination.parent.is_dir():
                 current.destination.parent.mkdir(parents=True)
                 made.append(current.destination.parent)
+            done.append(current)  # before the move: a Ctrl+C right after it still finds it to put back
             move(current.source, current.destination)
-            done.append(current)
     except (OSError, SstlError, KeyboardInterrupt) as err:
+        back = 0
         for m in reversed(done):
-            move(m.destination, m.source)
+            if os.path.lexists(m.destination) and not os.path.lexists(m.source):
+                move(m.destination, m.source)
+                back += 1
+            elif os.path.lexists(m.destination) and os.path.lexists(m.source):  # a copy across disks, cut short
+                os.remove(m.destination)
         for folder in reversed(made):
-            folder.rmdir()
+            with contextlib.suppress(OSError):  # not empty (something else arrived): left as it is
+                folder.rmdir()
         if isinstance(err, KeyboardInterrupt):
-            raise SstlError(f"interrupted: the {len(done)} photos moved so far went back; nothing imported") from None
+            raise SstlError(f"interrupted: the {back} photos moved so far went back; nothing imported") from None
         if isinstance(err, SstlError):
             raise
         raise SstlError(

@@ -54,7 +54,7 @@ def pool_files(folder: Path) -> list[Path]:
             f"{pool} not found: pass --folder, the photo folder that holds unlabeled/ "
             "(or set data.folder in params.yaml)"
         )
-    files = [p for p, problem in walk(pool, within=folder) if not problem and p.suffix.lower() in IMAGE_SUFFIXES]
+    files = [p for p, problem in walk(pool, within=[folder]) if not problem and p.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise SstlError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {pool}: nothing to queue")
     return files

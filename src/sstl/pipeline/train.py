@@ -122,6 +122,7 @@ class Plan:
     """What one training stage fits, on which rows, and how its MLflow run is named and described."""
 
     stage: str  # the MLflow run's stage name: teacher, student, student@1, ..., finetune
+    state: str  # the per-epoch resume state's name: .sstl-state/train/<state>.pt (git-ignored)
     job: Job
     train: ImageSet
     run_params: dict[str, Any]
@@ -151,6 +152,7 @@ def teacher_plan(p: Params, args: argparse.Namespace, *, labeled: ImageSet, clas
     augment = None if cfg.augment is None else augmenter(cfg.augment, int(labeled.images.shape[1]), p.seed)
     return Plan(
         stage="teacher",
+        state="teacher",
         job=job,
         train=labeled,
         run_params={"teacher": cfg.model_dump()},
@@ -178,6 +180,7 @@ def student_plan(p: Params, args: argparse.Namespace, *, labeled: ImageSet, clas
     )
     return Plan(
         stage="student" if i == 0 else f"student@{i}",
+        state=rnd.student,
         job=job,
         train=ImageSet.concat(labeled, pseudo),
         run_params={"teacher": rnd.teacher, "student": p.student.model_dump()},
@@ -201,7 +204,9 @@ def finetune_plan(p: Params, args: argparse.Namespace, *, labeled: ImageSet, cla
         packing=load_packing(args.data),
         config={"finetune": p.finetune.model_dump(), "from": str(args.init), "seed": p.seed},
     )
-    return Plan(stage="finetune", job=job, train=labeled, run_params={"finetune": p.finetune.model_dump()})
+    return Plan(
+        stage="finetune", state="finetune", job=job, train=labeled, run_params={"finetune": p.finetune.model_dump()}
+    )
 
 
 PlanFn = Callable[..., Plan]
@@ -229,6 +234,6 @@ def run_training(plan: PlanFn, args: argparse.Namespace, p: Params) -> FitResult
                 targets=todo.targets,
                 feature_cache=todo.feature_cache,
             )
-            state = Path(f".sstl-state/train/{args.model.stem}.pt")  # per-epoch resume state: git-ignored
+            state = Path(f".sstl-state/train/{todo.state}.pt")  # per-epoch resume state: git-ignored
             result = train_and_save(todo.job, todo.train, val, setup, classes=classes, state=state)
     return result if rank == 0 else None

@@ -13,7 +13,10 @@ running on a laptop:
   request holds at most `serve.max_images`;
 - only `application/json` is taken (415): an HTML form or `text/csv` cannot be posted cross-site
   without a preflight, and a request whose Origin is another site, or whose Host is not this server
-  (DNS rebinding) on a loopback bind, is refused (403);
+  (DNS rebinding) on a loopback bind, is refused (403). On a bind to another address (`--host
+  0.0.0.0`) any Host is taken, so DNS rebinding is not stopped there: put such a server behind a
+  proxy that checks it;
+- only JPEG, PNG, BMP and WebP are opened (no other image plugin of Pillow runs on a request);
 - images are scored in chunks, and a request whose client has gone stops at the next chunk;
 - every error is one line of JSON, `{"error_code": ..., "message": ...}`, never a stack trace.
 """
@@ -37,6 +40,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from PIL import Image, UnidentifiedImageError
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sstl.config.serve import ServeConfig
 from sstl.core.errors import SstlError
@@ -45,6 +49,7 @@ from sstl.models.inference import infer
 from sstl.runtime.device import CPU
 from sstl.track.registry import ImageClassifier, load, probability_table
 
+FORMATS = ("JPEG", "PNG", "BMP", "WEBP")  # what prepare reads; no other Pillow plugin (EPS runs Ghostscript)
 CHUNK = 16  # images decoded and scored at a time: between two chunks a gone client stops the work
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
@@ -68,6 +73,11 @@ def create_app(model: ImageClassifier, cfg: ServeConfig, *, host: str, port: int
     @app.exception_handler(Refused)
     async def refused(_: Request, err: Refused) -> JSONResponse:
         return JSONResponse({"error_code": err.code, "message": err.message}, status_code=err.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:  # 404, 405: the same one line
+        code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(err.status_code, "BAD_REQUEST")
+        return JSONResponse({"error_code": code, "message": str(err.detail)}, status_code=err.status_code)
 
     @app.exception_handler(Gone)
     async def gone(_: Request, __: Gone) -> Response:
@@ -133,7 +143,7 @@ async def _body(request: Request, max_mb: float) -> Any:
             raise Refused(413, "PAYLOAD_TOO_LARGE", f"the body is over serve.max_body_mb ({max_mb:g} MB)")
     try:
         return json.loads(bytes(data))
-    except (ValueError, UnicodeDecodeError) as err:
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:  # RecursionError: JSON nested too deep
         raise Refused(400, "BAD_REQUEST", f"the body is not JSON ({type(err).__name__})") from None
 
 
@@ -175,10 +185,12 @@ def _decode(model: ImageClassifier, value: Any, row: int, max_pixels: int) -> np
     except (binascii.Error, ValueError):
         raise Refused(400, "BAD_REQUEST", f"image {row}: not base64") from None
     try:  # the header only: how many pixels decoding would make
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as im:
             width, height = im.size
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         width = height = 0  # decode says what is wrong with it
+    if width * height == 0:
+        raise Refused(400, "BAD_REQUEST", f"image {row}: not a JPEG, PNG, BMP or WebP image")
     if width * height > max_pixels:
         raise Refused(
             413, "PAYLOAD_TOO_LARGE", f"image {row}: {width} x {height} px, over serve.max_pixels ({max_pixels})"

@@ -41,7 +41,7 @@ from sstl.models.inference import infer
 from sstl.runtime.device import Runtime
 from sstl.runtime.distributed import agreed, all_finite, data_parallel, sync_buffers, world
 from sstl.train.optim import Lookahead, class_weights, make_optimizer, make_scheduler
-from sstl.train.resume import Saver, fingerprint
+from sstl.train.resume import Optimisation, Saver, Stopping, fingerprint
 from sstl.train.setup import FitSetup
 
 
@@ -272,50 +272,6 @@ def fit(
 
 
 @dataclass
-class _Stopping:
-    """One phase's early stopping: the best score and weights so far, epochs run and epochs without gain."""
-
-    best_score: tuple[float, float]  # lower is better, see _score
-    best_state: dict[str, torch.Tensor]
-    stale: int = 0
-    done: int = 0
-
-    def update(self, score: tuple[float, float], model: nn.Module) -> bool:
-        """Count a finished epoch; whether it improved (and its weights became the best)."""
-        self.done += 1
-        if score < self.best_score:
-            self.best_score, self.stale = score, 0
-            self.best_state = copy.deepcopy(model.state_dict())
-            return True
-        self.stale += 1
-        return False
-
-
-@dataclass
-class _Optimisation:
-    """A phase's optimiser, LR schedule, grad scaler and Lookahead average: what resume saves besides weights."""
-
-    step: Step
-    scheduler: Any
-    average: Lookahead | None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "optimizer": self.step.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.step.scaler.state_dict(),
-            "lookahead": None if self.average is None else self.average.state_dict(),
-        }
-
-    def load_state_dict(self, saved: dict[str, Any]) -> None:
-        self.step.optimizer.load_state_dict(saved["optimizer"])
-        self.scheduler.load_state_dict(saved["scheduler"])
-        self.step.scaler.load_state_dict(saved["scaler"])
-        if self.average is not None:
-            self.average.load_state_dict(saved["lookahead"])
-
-
-@dataclass
 class _Run:
     """What one fit's phases share: its fixed inputs and the running history."""
 
@@ -361,50 +317,30 @@ class _Run:
             if average is not None:
                 average.step()
 
-        opt = _Optimisation(
-            Step(optimizer, self.loss_fn, runtime.grad_scaler(), runtime, after_step), scheduler, average
-        )
+        step = Step(optimizer, self.loss_fn, runtime.grad_scaler(), runtime, after_step)
+        opt = Optimisation(optimizer, scheduler, step.scaler, average)
         trained = data_parallel(net, runtime)
         if saved is None:
             first = evaluate_loss(net, val_in, self.val.labels, runtime=runtime) if phase > 1 else None
-            stop = _Stopping(_score(first, cfg.monitor) if first else (math.inf, math.inf), _copy(model))
-        else:  # after the set-up: the saved RNG states already count whatever it drew
-            stop = self.resume(saved, opt)
+            stop = Stopping(_score(first, cfg.monitor) if first else (math.inf, math.inf), _copy(model))
+        else:  # resume, before the loop (after the set-up: the saved RNG states count whatever it drew)
+            stop = self.saver.restore_phase(saved, opt)
         while stop.done < epochs and (per_step or stop.stale < cfg.patience):
-            row = self.epoch(phase, unfrozen=unfrozen, trained=trained, inputs=inputs, step=opt.step)
+            row = self.epoch(phase, unfrozen=unfrozen, trained=trained, inputs=inputs, step=step)
             score = agreed(_score(row, cfg.monitor))  # every process takes rank 0's decisions
             if not per_step:
                 scheduler.step(score[0])  # ReduceLROnPlateau: the metric
             improved = stop.update(score, model)
-            self.save(phase, stop, opt, best_is_model=improved or per_step)  # one save per epoch
+            # one save per epoch: everything the next one depends on
+            self.saver.save_epoch(phase, stop, opt, model, best_is_model=improved or per_step, progress=self.progress())
         if average is not None:
             average.finish()
         if not per_step:
             model.load_state_dict(stop.best_state)
 
-    def save(self, phase: int, stop: _Stopping, opt: _Optimisation, *, best_is_model: bool) -> None:
-        """Everything the next epoch depends on (the RNGs are the saver's): weights, optimisation, early stopping."""
-        self.saver.save(
-            phase=phase,
-            done=stop.done,
-            stale=stop.stale,
-            best_score=list(stop.best_score),
-            model=self.model.state_dict(),
-            # None: the best is `model` (half the bytes), or unused (a linear schedule keeps the last)
-            best=None if best_is_model else stop.best_state,
-            history=self.history,
-            seen=self.seen,
-            seconds=self.elapsed(),
-            **opt.state_dict(),
-        )
-
-    def resume(self, saved: dict[str, Any], opt: _Optimisation) -> _Stopping:
-        """Put a saved phase back: optimisation and every RNG; its early-stopping state."""
-        opt.load_state_dict(saved)
-        self.saver.set_rng(saved["rng"])
-        best = saved["best"] if saved["best"] is not None else copy.deepcopy(saved["model"])
-        low, tie = saved["best_score"]
-        return _Stopping((low, tie), best, stale=saved["stale"], done=saved["done"])
+    def progress(self) -> dict[str, Any]:
+        """The run's side of a saved state: the history so far, images seen, wall seconds."""
+        return {"history": self.history, "seen": self.seen, "seconds": self.elapsed()}
 
     def epoch(
         self, phase: int, *, unfrozen: int, trained: nn.Module, inputs: tuple[nn.Module, Inputs, Inputs], step: Step

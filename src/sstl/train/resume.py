@@ -1,7 +1,10 @@
 """Bit-exact resume of a fit: the fingerprint of what decides every step, every RNG, and the per-epoch state file.
 
-The loop calls `Saver.load` once before its first epoch and `Saver.save` once after each; a process killed
-at any moment resumes after its last finished epoch and ends with the same weights, bit for bit.
+The loop calls `Saver.load` once before its first epoch (`restore_phase` puts the phase it was in back)
+and `Saver.save_epoch` once after each; a process killed at any moment resumes after its last finished
+epoch and ends with the same weights, bit for bit. Everything a state holds is decided here: the
+weights, the early-stopping bookkeeping (`Stopping`), the optimiser, schedule, grad scaler and
+Lookahead (`Optimisation`), the history and every RNG.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import copy
 import hashlib
 import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,7 @@ from sstl.data.dataset import ImageSet
 from sstl.data.transforms import Augmenter
 from sstl.models.classifier import model_digest
 from sstl.runtime.distributed import from_rank0, to_rank0, world
+from sstl.train.optim import Lookahead
 from sstl.train.setup import FitSetup
 
 STATE_VERSION = 1
@@ -102,6 +107,51 @@ def set_rng_state(saved: dict[str, Any], generator: torch.Generator, augment: Au
         augment.set_state(saved["augment"])
 
 
+@dataclass
+class Stopping:
+    """One phase's early stopping: the best score and weights so far, epochs run and epochs without gain."""
+
+    best_score: tuple[float, float]  # lower is better (the loop's score: val loss, or -val accuracy)
+    best_state: dict[str, torch.Tensor]
+    stale: int = 0
+    done: int = 0
+
+    def update(self, score: tuple[float, float], model: nn.Module) -> bool:
+        """Count a finished epoch; whether it improved (and its weights became the best)."""
+        self.done += 1
+        if score < self.best_score:
+            self.best_score, self.stale = score, 0
+            self.best_state = copy.deepcopy(model.state_dict())
+            return True
+        self.stale += 1
+        return False
+
+
+@dataclass
+class Optimisation:
+    """A phase's optimiser, LR schedule, grad scaler and Lookahead average: what a state holds besides weights."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    average: Lookahead | None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "lookahead": None if self.average is None else self.average.state_dict(),
+        }
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.scaler.load_state_dict(saved["scaler"])
+        if self.average is not None:
+            self.average.load_state_dict(saved["lookahead"])
+
+
 class Saver:
     """A fit's resumable state file: rank 0 reads and writes it, the other processes get it by broadcast.
 
@@ -152,8 +202,36 @@ class Saver:
         with atomic_path(self.path) as tmp, tmp.open("wb") as f:
             torch.save({"version": STATE_VERSION, "fingerprint": self.fingerprint, "rng": rngs, **progress}, f)
 
-    def set_rng(self, rngs: list[dict[str, Any]]) -> None:
-        set_rng_state(rngs[world()[0]], self.generator, self.augment)
+    def save_epoch(
+        self,
+        phase: int,
+        stop: Stopping,
+        opt: Optimisation,
+        model: nn.Module,
+        *,
+        best_is_model: bool,
+        progress: dict[str, Any],
+    ) -> None:
+        """After an epoch: everything the next one depends on (the RNGs are read here)."""
+        self.save(
+            phase=phase,
+            done=stop.done,
+            stale=stop.stale,
+            best_score=list(stop.best_score),
+            model=model.state_dict(),
+            # None: the best is `model` (half the bytes), or unused (a linear schedule keeps the last)
+            best=None if best_is_model else stop.best_state,
+            **opt.state_dict(),
+            **progress,
+        )
+
+    def restore_phase(self, saved: dict[str, Any], opt: Optimisation) -> Stopping:
+        """Put a saved phase back: optimisation and every RNG; its early-stopping state."""
+        opt.load_state_dict(saved)
+        set_rng_state(saved["rng"][world()[0]], self.generator, self.augment)
+        best = saved["best"] if saved["best"] is not None else copy.deepcopy(saved["model"])
+        low, tie = saved["best_score"]
+        return Stopping((low, tie), best, stale=saved["stale"], done=saved["done"])
 
     def drop(self) -> None:
         drop_state(self.path)
