@@ -136,19 +136,27 @@ class Plan:
 FEATURES = Path(".sstl-state/features")  # backbone features for phase 1: git-ignored cache, shared with tune
 
 
-def teacher_plan(p: Params, args: argparse.Namespace, *, labeled: ImageSet, classes: list[str]) -> Plan:
-    """The teacher: the labelled rows, the tuned hyperparameters over params.yaml's teacher keys."""
-    tuned = TeacherParams.model_validate({**p.teacher.model_dump(), **read_json(args.tuned)})
-    cfg = resolve_weights(tuned, args.pretrain)
-    job = Job(
-        build_model(cfg.model(), len(classes), p.seed),
-        cfg.model(),
+def _new_job(
+    cfg: TeacherParams, args: argparse.Namespace, num_classes: int, seed: int, *, config: dict[str, Any]
+) -> Job:
+    """A freshly built network (seeded) for the teacher or a student, written where argv says."""
+    model_cfg = cfg.model()
+    return Job(
+        build_model(model_cfg, num_classes, seed),
+        model_cfg,
         cfg.schedule(),
         args.model,
         args.curve,
         packing=load_packing(args.data),
-        config={"teacher": cfg.model_dump(), "seed": p.seed},
+        config=config,
     )
+
+
+def teacher_plan(p: Params, args: argparse.Namespace, *, labeled: ImageSet, classes: list[str]) -> Plan:
+    """The teacher: the labelled rows, the tuned hyperparameters over params.yaml's teacher keys."""
+    tuned = TeacherParams.model_validate({**p.teacher.model_dump(), **read_json(args.tuned)})
+    cfg = resolve_weights(tuned, args.pretrain)
+    job = _new_job(cfg, args, len(classes), p.seed, config={"teacher": cfg.model_dump(), "seed": p.seed})
     augment = None if cfg.augment is None else augmenter(cfg.augment, int(labeled.images.shape[1]), p.seed)
     return Plan(
         stage="teacher",
@@ -169,15 +177,8 @@ def student_plan(p: Params, args: argparse.Namespace, *, labeled: ImageSet, clas
     pseudo, soft = pseudo_targets(pool, read_csv(args.labels), np.load(args.probs))
     hard = one_hot(labeled.labels, len(classes)).float()  # the labelled rows' targets stay their labels
     student = resolve_weights(p.student, args.pretrain)
-    job = Job(
-        build_model(student.model(), len(classes), p.seed),
-        student.model(),
-        student.schedule(),
-        args.model,
-        args.curve,
-        packing=load_packing(args.data),
-        config={"student": student.model_dump(), "teacher": rnd.teacher, "seed": p.seed},
-    )
+    config = {"student": student.model_dump(), "teacher": rnd.teacher, "seed": p.seed}
+    job = _new_job(student, args, len(classes), p.seed, config=config)
     return Plan(
         stage="student" if i == 0 else f"student@{i}",
         state=rnd.student,
