@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -16,6 +17,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog", "fox"]  # the classes of the `checkpoint` fixture
 T = TypeVar("T")
+
+
+@pytest.fixture(autouse=True)
+def _no_cached_proxy() -> Any:
+    """urllib builds its global opener, proxies read from the environment, on the first urlopen and keeps
+    it: a test that sets a dead proxy (no network, as torchvision's download would use) must not leave
+    every later request to a server on 127.0.0.1 going to that proxy."""
+    yield
+    urllib.request.install_opener(None)  # the next urlopen builds a new one from the environment as it is
 
 
 @pytest.fixture(autouse=True, scope="session")
