@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import random
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -30,9 +32,14 @@ def unpack(shared: Path, cache: Path) -> None:
 
 
 def link(src: Path, dst: Path) -> None:
+    """A hard link (a copy across disks): sstl reads no symbolic link that leads out of the photo folder."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    if not dst.exists():
-        dst.symlink_to(src)
+    if dst.exists():
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def layout(cache: Path, out: Path, labels_per_class: int, seed: int) -> dict[str, int]:

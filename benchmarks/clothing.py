@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from cifar10 import hydra  # noqa: E402
+from cifar10_folder import link  # noqa: E402
 from stamp import stamp  # noqa: E402
 
 from sstl.core.files import write_json, write_text
@@ -45,7 +46,7 @@ SHARED = ROOT.parent / "shared" / "datasets" / "clothing" / "clothing.tar"
 CACHE = Path.home() / ".cache" / "sstl-data" / "clothing"
 OUT_JSON = ROOT / "reports/benchmarks/clothing.json"
 OUT_MD = ROOT / "reports/benchmarks/clothing.md"
-STAGES = ("prepare", "tune", "teacher", "pseudolabel", "student", "finetune", "evaluate")
+STAGES = ("prepare", "tune", "probe", "probe_student", "teacher", "pseudolabel", "student", "finetune", "evaluate")
 
 
 def unpack() -> None:
@@ -84,8 +85,7 @@ def layout(out: Path, per_class: int, seed: int, *, all_labels: bool = False) ->
 
 
 def _link(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.symlink_to(src)
+    link(src, dst)
 
 
 def overlay(raw: dict, extra: Path) -> dict:
@@ -124,9 +124,10 @@ def collect(pipeline: str) -> dict:
     ev = by_stage["evaluate"].data.metrics
     models = {
         m: {"test": ev.get(f"{m}.test.accuracy"), "test_add": ev.get(f"{m}.test-add.accuracy")}
-        for m in ("teacher", "student", "finetuned")
+        for m in ("probe", "probe_student", "teacher", "student", "finetuned")
+        if f"{m}.test.accuracy" in ev
     }
-    return {"stages": stages, "models": models}
+    return {"stages": stages, "models": models, "use": by_stage["evaluate"].data.tags.get("sstl.use")}
 
 
 def upper_bound(folder: Path, extra: Path) -> dict:
@@ -192,12 +193,16 @@ def render(r: dict) -> str:
         "|---|---|---|",
     ]
     names = {
+        "probe": "baseline: frozen Lite0 + logistic regression (the teacher's labels, C by 5-fold CV)",
+        "probe_student": "baseline: frozen Lite2 + logistic regression (same labels and CV)",
         "teacher": "teacher (Lite0, 20 labels/class)",
         "student": "student (Lite2, + pseudo-labels)",
         "finetuned": "fine-tuned student",
     }
     for k, name in names.items():
-        lines.append(f"| {name} | {f(m[k]['test'])} | {f(m[k]['test_add'])} |")
+        if k in m:
+            use = " **(model to use)**" if k == r.get("use") else ""
+            lines.append(f"| {name}{use} | {f(m[k]['test'])} | {f(m[k]['test_add'])} |")
     ub = r.get("upper_bound")
     if ub:
         lines.append(

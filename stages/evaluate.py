@@ -1,6 +1,7 @@
-"""Stage evaluate: teacher, every round's student and the fine-tuned student on test and test-add, and
-on val for the health checks (collapse, a model below its predecessor) and the choice of the model to
-use. The fine-tuned student is published to the MLflow registry (`mlflow.model_name`, sstl.track.registry).
+"""Stage evaluate: the frozen-feature probes (the baseline), teacher, every round's student and the
+fine-tuned student on test and test-add, and on val for the health checks (collapse, a model below its
+predecessor, a model to use not above the baseline) and the choice of the model to use (never a probe),
+which is published to the MLflow registry (`mlflow.model_name`, sstl.track.registry).
 
 `evaluate.tta` averages each model's logits over flipped (and shifted) views (sstl.models.inference).
 
@@ -40,23 +41,35 @@ def main() -> None:
     args = parse_paths(parser)
     p = load_params()
     models = {name: args.models / f"{name}.pt" for name in ("teacher", *p.students(), "finetuned")}  # pipeline order
+    probes = {path.stem: path for path in sorted((args.models / "probes").glob("*.pt"))}  # the baseline to beat
     runtime = p.runtime("infer")
     classes = load_classes(args.data)
     data = {split: load_split(args.data, split) for split in SPLITS}
     absent = [s for s, d in data.items() if len(d) == 0 and s != "val"]  # e.g. a folder without test-add/
     metrics, per_class, val_acc, collapses, confusion, reliability, checkpoints = {}, {}, {}, {}, {}, {}, {}
+    probe_val, baseline = {}, {}
     with tracking.stage_run(
         "evaluate", p.mlflow.experiment, {**runtime.describe(), "evaluate": p.evaluate.model_dump()}
     ):
-        for name, path in models.items():
+        for name, path in {**probes, **models}.items():
             model, payload = load_checkpoint(path, runtime.device)
-            checkpoints[name] = {k: v for k, v in payload.items() if k != "state_dict"}
+            if name in probes:
+                baseline[name] = {
+                    "arch": payload["model"]["arch"],
+                    "weights": payload["model"]["weights"],
+                    **{k: payload["probe"][k] for k in ("C", "folds", "rows")},
+                }
+            else:
+                checkpoints[name] = {k: v for k, v in payload.items() if k != "state_dict"}
             for split, d in data.items():
                 if len(d) == 0:
                     continue
                 r = evaluate_model(
                     model, d, num_classes=len(classes), bins=p.evaluate.ece_bins, runtime=runtime, tta=p.evaluate.tta
                 )
+                if split == "val" and name in probes:
+                    probe_val[name] = baseline[name]["val_accuracy"] = round(r["accuracy"], 4)
+                    continue
                 if split == "val":
                     val_acc[name] = round(r["accuracy"], 4)
                     collapses[name] = health.collapse(r["predictions"], d.labels, classes)
@@ -70,10 +83,16 @@ def main() -> None:
                 write_csv(args.confusion / f"{name}-{split}.csv", rows)
                 confusion.setdefault(name, {})[split] = rows
                 reliability.setdefault(name, {})[split] = r["reliability"]
+        use = health.recommend(val_acc, order=list(models))  # the one model to use: summary, card, registry
+        accuracy = {m: {s: r["accuracy"] for s, r in per_split.items()} for m, per_split in metrics.items()}
+        for m, a in {**val_acc, **probe_val}.items():
+            accuracy.setdefault(m, {})["val"] = a
         warnings = health.check_models(val_acc, collapses, order=list(models))
+        warnings += health.below_baseline(accuracy, use, list(probes))
         verdict = {
             "val_accuracy": val_acc,
-            "use": health.recommend(val_acc, order=list(models)),
+            "use": use,
+            "baseline": baseline,
             "warnings": warnings,
             "absent_splits": absent,
         }
@@ -92,10 +111,9 @@ def main() -> None:
             environment=describe(),
         )
         write_text(args.card, card)
-        tracking.log_metrics(metrics | {"val_accuracy": val_acc})
+        tracking.log_metrics(metrics | {"val_accuracy": val_acc | probe_val})
         tracking.set_tags({"sstl.use": verdict["use"], "sstl.warnings": "; ".join(warnings) or "none"})
         tracking.log_artifacts(args.metrics, args.per_class, args.health, args.summary, args.confusion, args.card)
-        use = verdict["use"]  # the one model to use: the summary names it, the registry publishes it
         if p.mlflow.model_name and "test" in metrics[use]:
             decision = registry.publish(
                 models[use],

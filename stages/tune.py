@@ -16,12 +16,12 @@ import _checkout  # noqa: F401  (this checkout's src/ first: see stages/_checkou
 
 from sstl.core.files import write_csv, write_json
 from sstl.data.dataset import load_classes, load_split
+from sstl.models.weights import resolve_weights
 from sstl.params import load_params
 from sstl.pipeline.stage import add_paths, parse_paths, stage_main
 from sstl.pipeline.train import FEATURES
 from sstl.pipeline.tune import TeacherSearch, tune_teacher
 from sstl.track import tracking
-from sstl.train.pretrain import resolve_weights
 from sstl.train.tune import best_params
 
 STATE = Path(".sstl-state/tune")

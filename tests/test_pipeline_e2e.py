@@ -6,6 +6,7 @@ push / clone / pull, determinism, MLflow grouping.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -42,6 +43,7 @@ TINY = {
     "finetune": {"epochs": 1},
 }
 MODELS = ("teacher", "student", "finetuned")
+PROBES = ("probe",)  # teacher and student share resnet18 without weights here: one backbone, one probe
 
 
 def merge(base: dict, extra: dict) -> dict:
@@ -93,6 +95,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "prepare",
         "pretrain",
         "tune",
+        "probe",
         "teacher",
         "pseudolabel@0",  # one round (params `rounds`), expanded by DVC's foreach
         "student@0",
@@ -106,7 +109,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_repro_writes_metrics_for_every_model_and_split(project: Path) -> None:
     metrics = json.loads((project / "reports/metrics.json").read_text())
-    assert set(metrics) == set(MODELS)
+    assert set(metrics) == set(MODELS) | set(PROBES)
     for model in MODELS:
         for split in ("test", "test-add"):
             assert 0.0 <= metrics[model][split]["accuracy"] <= 1.0
@@ -115,6 +118,24 @@ def test_repro_writes_metrics_for_every_model_and_split(project: Path) -> None:
         assert (project / f"models/{name}.pt").is_file()
         assert (project / f"reports/curves/{name}.csv").read_text().startswith("phase,lr,")
     assert len((project / "reports/tune/trials.csv").read_text().splitlines()) == 1 + 3
+
+
+def test_the_probe_is_fitted_on_the_teachers_rows_and_stands_beside_the_models(project: Path) -> None:
+    report = json.loads((project / "reports/probe.json").read_text())
+    manifest = list(csv.DictReader((project / "data/prepared/manifest.csv").open()))
+    labeled = [r["path"] for r in manifest if r["split"] == "labeled"]  # what the teacher trains on
+    assert list(report["probes"]) == list(PROBES)
+    probe = report["probes"]["probe"]
+    assert probe["paths"] == labeled and probe["rows"] == len(labeled) and probe["folds"] == 5
+    grid = yaml.safe_load((project / "params.yaml").read_text())["probe"]["C"]
+    assert sorted(float(c) for c in probe["cv_accuracy"]) == sorted(grid)  # every C cross-validated
+    assert probe["cv_accuracy"][f"{probe['C']:g}"] == max(probe["cv_accuracy"].values())  # the best one chosen
+    health = json.loads((project / "reports/health.json").read_text())
+    assert set(health["baseline"]) == set(PROBES) and health["use"] in MODELS  # a probe is never the model to use
+    assert health["baseline"]["probe"]["rows"] == len(labeled)
+    summary = (project / "reports/summary.md").read_text()
+    assert "| probe |" in summary and "- baseline: probe = frozen resnet18 (weights: none)" in summary
+    assert "baseline: probe" in (project / "reports/model_card.md").read_text()
 
 
 def test_second_repro_does_nothing(project: Path) -> None:
@@ -232,7 +253,7 @@ def test_a_change_to_the_training_loop_leaves_demo_and_prepare_alone(project: Pa
     finally:
         loop.write_text(original)
     assert {"pretrain", "tune", "teacher", "student@0", "finetune"} <= changed, changed
-    assert not {"demo", "prepare", "pseudolabel@0", "evaluate"} & changed, changed
+    assert not {"demo", "prepare", "probe", "pseudolabel@0", "evaluate"} & changed, changed
     assert "up to date" in dvc(project, "status")
 
 
@@ -365,7 +386,7 @@ def test_exp_run_and_show_compare_experiments(project: Path, monkeypatch: pytest
     baseline = [r for r in rows.values() if r["params"]["teacher"]["dropout"] != 0.1]
     assert baseline, "the baseline commit is listed beside the experiment"
     for row in [rows["lowdrop"], *baseline]:
-        assert set(row["metrics"]) == set(MODELS)
+        assert set(row["metrics"]) == set(MODELS) | set(PROBES)
         assert 0.0 <= row["metrics"]["finetuned"]["test-add"]["accuracy"] <= 1.0
     monkeypatch.chdir(project)
     res = CliRunner().invoke(app, ["exp", "show"])

@@ -13,8 +13,9 @@ from sstl.config.train import PretrainConfig
 from sstl.core.errors import SstlError
 from sstl.models.checkpoint import save_checkpoint
 from sstl.models.factory import create_model
+from sstl.models.weights import resolve_weights
 from sstl.runtime.device import CPU
-from sstl.train.pretrain import ROTATIONS, pretrain_rotation, resolve_weights, rotations, write_disabled
+from sstl.train.pretrain import ROTATIONS, pretrain_rotation, rotations, write_disabled
 
 
 def test_rotations_are_the_four_quarter_turns() -> None:

@@ -197,6 +197,26 @@ class EvaluateParams(Strict):
     tta: Tta = Field("none", description=f"{TTA_HELP}; `sstl predict` follows it")
 
 
+class ProbeParams(Strict):
+    """The frozen-feature baseline (sstl.eval.probe): logistic regression on each backbone's features."""
+
+    enabled: bool = Field(True, description="false: no probe (and no baseline warning)")
+    folds: int = Field(5, ge=2, le=20, description="stratified k-fold cross-validation on the labelled rows")
+    C: list[float] = Field(
+        default_factory=lambda: [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0],
+        min_length=1,
+        description="inverse L2 strengths the cross-validation chooses among",
+    )
+    max_iter: int = Field(2000, ge=10)
+
+    @field_validator("C")
+    @classmethod
+    def _positive(cls, grid: list[float]) -> list[float]:
+        if any(c <= 0 for c in grid):
+            raise ValueError("every C must be > 0")
+        return grid
+
+
 class Params(Strict):
     seed: int = Field(42, ge=0)
     device: str = Field("auto", min_length=1, description=DEVICE_HELP)
@@ -214,6 +234,7 @@ class Params(Strict):
         description="noisy-student rounds (DVC foreach): each student learns from the model before it",
     )
     finetune: FinetuneParams = FinetuneParams()
+    probe: ProbeParams = ProbeParams()
     evaluate: EvaluateParams = EvaluateParams()
     serve: ServeConfig = ServeConfig()
 

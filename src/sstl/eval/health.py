@@ -1,5 +1,6 @@
 """Runs that go wrong quietly, made loud: a collapsed model, a pretext at chance, a student below its
-teacher. Every check looks at validation data only; which model to use is chosen on val, never test.
+teacher, a model to use that does not beat the frozen-feature baseline. Which model to use is chosen on
+val, never test; the baseline check also reports test and test-add, for it changes no choice.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from pathlib import Path
 import torch
 
 COLLAPSE_SHARE = 0.9  # one class taking >= 90% of val predictions, where the truth is far more even
-ORDER = ("teacher", "student", "finetuned")  # one round; each model should do at least as well on val as the one before
+ORDER = ("teacher", "student", "finetuned")
+SPLITS = ("val", "test", "test-add")  # one round; each model should do at least as well on val as the one before
 
 
 def collapse(predictions: Sequence[int], labels: torch.Tensor, classes: Sequence[str]) -> str | None:
@@ -46,6 +48,26 @@ def check_models(
     for before, after in zip(present, present[1:], strict=False):
         if val_accuracy[after] < val_accuracy[before]:
             warnings.append(f"{after} below {before} on val: {val_accuracy[after]:.4f} < {val_accuracy[before]:.4f}")
+    return warnings
+
+
+def below_baseline(
+    accuracy: Mapping[str, Mapping[str, float]], use: str, probes: Sequence[str], *, splits: Sequence[str] = SPLITS
+) -> list[str]:
+    """One warning per split where `use` is not above the best probe ({model: {split: accuracy}}): the
+    semi-supervised pipeline then ships nothing a logistic regression on frozen features does not."""
+    warnings = []
+    for split in splits:
+        rivals = {p: accuracy[p][split] for p in probes if split in accuracy.get(p, {})}
+        if not rivals or split not in accuracy.get(use, {}):
+            continue
+        best = max(rivals, key=lambda p: rivals[p])
+        if accuracy[use][split] <= rivals[best]:
+            warnings.append(
+                f"{use}, the model to use, is not above the frozen-feature baseline {best} on {split}: "
+                f"{accuracy[use][split]:.4f} <= {rivals[best]:.4f} (the unlabelled photos and the training bought "
+                "nothing a logistic regression on frozen features does not: docs/photos.md)"
+            )
     return warnings
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from sstl.core.files import read_csv, read_json
 from sstl.data.dataset import SPLITS as DATA_SPLITS
+from sstl.eval.report import baseline_line
 
 EVAL_SPLITS = ("test", "test-add")
 MODELS = ("teacher", "student", "finetuned")  # one round; later rounds' students come between (params `rounds`)
@@ -293,6 +294,8 @@ def _health_section(verdict: Mapping[str, Any]) -> list[str]:
         *_table(("model", "val accuracy"), val.items(), right=(1,)),
         "",
     ]
+    lines += [f"- baseline: {baseline_line(n, b)}" for n, b in verdict.get("baseline", {}).items()]
+    lines += [""] if verdict.get("baseline") else []
     warnings = verdict.get("warnings", [])
     lines += [f"- **WARNING**: {w}" for w in warnings] or ["Warnings: none."]
     lines += [f"- left out: {s} (no images in this split)" for s in verdict.get("absent_splits", [])]

@@ -22,6 +22,21 @@ def summary_markdown(metrics: dict[str, dict[str, dict[str, float]]], health: di
     if health:
         val = ", ".join(f"{m} {a:.4f}" for m, a in health.get("val_accuracy", {}).items())
         lines += ["", f"**Use: {health['use']}** (highest val accuracy: {val}; test is never used to choose)."]
+        lines += [f"- baseline: {baseline_line(name, b)}" for name, b in health.get("baseline", {}).items()]
         lines += [f"- left out: {s} (no images in this split)" for s in health.get("absent_splits", [])]
         lines += [f"- **WARNING**: {w}" for w in health.get("warnings", [])]
     return "\n".join(lines) + "\n"
+
+
+def baseline_line(name: str, probe: dict[str, Any]) -> str:
+    """One probe of health.json's `baseline`, in words: what it is and how its C was chosen."""
+    how = (
+        f"by {probe['folds']}-fold cross-validation"
+        if probe.get("folds")
+        else "fixed (too few labels to cross-validate)"
+    )
+    return (
+        f"{name} = frozen {probe['arch']} (weights: {probe['weights']}) + logistic regression on the teacher's "
+        f"{probe['rows']} labelled rows, C={probe['C']:g} {how}; val accuracy "
+        f"{probe.get('val_accuracy', float('nan')):.4f}"
+    )

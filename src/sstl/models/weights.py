@@ -20,7 +20,7 @@ import os
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.error import URLError
 from urllib.parse import urlparse
 
@@ -334,3 +334,19 @@ def _missing_message(arch: str, cfg: Any, hub_file: Path | None) -> str:
         ways.append(f"download the Hugging Face repo {cfg.hf_hub_id} into {_hf_cache_dir()}")
     ways.append("set weights to a local state-dict file path")
     return f"no ImageNet weights for {arch} found offline: {', or '.join(ways)}"
+
+
+ModelConfigT = TypeVar("ModelConfigT", bound=ModelConfig)
+
+
+def resolve_weights(cfg: ModelConfigT, pretrain: Path) -> ModelConfigT:
+    """`weights: pretrain` -> the pretrain stage's checkpoint path; other values pass through."""
+    if cfg.weights != "pretrain":
+        return cfg
+    payload = torch.load(pretrain, map_location="cpu", weights_only=True) if Path(pretrain).is_file() else None
+    if not isinstance(payload, dict) or payload.get("disabled"):
+        raise SstlError(
+            "weights: pretrain needs the pretrain stage's backbone: set pretrain.enabled=true "
+            "(e.g. dvc exp run -S pretrain.enabled=true) with the same arch"
+        )
+    return cfg.model_copy(update={"weights": str(pretrain)})

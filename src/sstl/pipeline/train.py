@@ -24,12 +24,12 @@ from sstl.data.transforms import Augmenter, augmenter
 from sstl.models.checkpoint import load_checkpoint, save_checkpoint
 from sstl.models.classifier import Classifier
 from sstl.models.factory import create_model
+from sstl.models.weights import resolve_weights
 from sstl.params import Params, TeacherParams
 from sstl.pipeline.pseudolabel import pseudo_targets
 from sstl.runtime.distributed import distributed, world
 from sstl.track import tracking
 from sstl.train.loop import FitResult, fit, seed_everything
-from sstl.train.pretrain import resolve_weights
 from sstl.train.resume import drop_state
 from sstl.train.setup import FitSetup
 

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import torch
 
 from sstl.config.model import ModelConfig
 from sstl.config.train import PretrainConfig, TrainConfig
-from sstl.core.errors import SstlError
 from sstl.core.files import atomic_path
 from sstl.data.dataset import ImageSet
 from sstl.models.classifier import Classifier
@@ -26,7 +24,6 @@ from sstl.train.loop import FitResult, fit, seed_everything
 from sstl.train.setup import FitSetup
 
 ROTATIONS = ("0", "90", "180", "270")
-ModelConfigT = TypeVar("ModelConfigT", bound=ModelConfig)
 
 
 def rotations(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,16 +75,3 @@ def write_disabled(path: Path) -> None:
     """The stage's output when pretraining is off: a marker that `resolve_weights` refuses with advice."""
     with atomic_path(path) as tmp, tmp.open("wb") as f:  # a file object: the same bytes every run (a path
         torch.save({"disabled": True}, f)  # would name torch's zip folder after the random temp file)
-
-
-def resolve_weights(cfg: ModelConfigT, pretrain: Path) -> ModelConfigT:
-    """`weights: pretrain` -> the pretrain stage's checkpoint path; other values pass through."""
-    if cfg.weights != "pretrain":
-        return cfg
-    payload = torch.load(pretrain, map_location="cpu", weights_only=True) if Path(pretrain).is_file() else None
-    if not isinstance(payload, dict) or payload.get("disabled"):
-        raise SstlError(
-            "weights: pretrain needs the pretrain stage's backbone: set pretrain.enabled=true "
-            "(e.g. dvc exp run -S pretrain.enabled=true) with the same arch"
-        )
-    return cfg.model_copy(update={"weights": str(pretrain)})
