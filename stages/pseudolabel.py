@@ -37,7 +37,7 @@ from sstl.track import tracking
 @stage_main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_paths(parser, inputs=["data", "model"], outputs=["labels", "probs", "counts", "summary"])
+    add_paths(parser, inputs=["data", "model"], outputs=["labels", "probs", "counts", "summary", "ood"])
     out = parse_paths(parser)
     p = load_params()
     i, rnd = p.round_of(teacher=out.model.stem)  # models/<name>.pt
@@ -59,17 +59,23 @@ def main() -> None:
             seconds = time.perf_counter() - start
             if selected is None:  # a rank > 0: its shards are merged into rank 0's selection
                 return
-            rows, counts, probs = selected
+            rows, counts, probs, dropped = selected
             scores = [r["score"] for r in rows]
             n_pool = len(load_images(out.data, "unlabeled"))
-            summary = {"n_pool": n_pool, "n_selected": len(rows), "mean_score": sum(scores) / max(len(scores), 1)}
+            summary = {
+                "n_pool": n_pool,
+                "n_selected": len(rows),
+                "mean_score": sum(scores) / max(len(scores), 1),
+                "n_ood_dropped": len(dropped),
+            }
             write_csv(out.labels, rows, ("index", "path", "label", "label_index", "score"))
             with atomic_path(out.probs) as tmp, tmp.open("wb") as f:
                 np.save(f, probs.numpy().astype(np.float32))
             write_csv(out.counts, counts, ("class", "count"))
+            write_csv(out.ood, dropped, ("index", "path", "predicted", "similarity", "threshold"))
             write_json(out.summary, summary)
             tracking.log_metrics(summary | {"infer_images_per_second": n_pool / seconds})  # timing: MLflow only
-            tracking.log_artifacts(out.counts)
+            tracking.log_artifacts(out.counts, out.ood)
     clear_state(state)
     print(f"pseudolabel ({rnd.teacher}): {summary}")
 

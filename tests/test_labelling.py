@@ -440,7 +440,7 @@ def _slow_import(tmp_path: Path, labels: Path, folder: Path) -> subprocess.Popen
     slow.write_text(
         "import shutil, sys, time\n"
         "real = shutil.move\n"
-        "def move(a, b):\n    time.sleep(0.05)\n    return real(a, b)\n"
+        "def move(a, b):\n    time.sleep(0.2)\n    return real(a, b)\n"
         "shutil.move = move\n"
         "from sstl.cli.app import app\n"
         "sys.argv = ['sstl', 'label-import', sys.argv[1], '--folder', sys.argv[2]]\n"

@@ -106,6 +106,15 @@ def test_photo_profile_trains_on_real_photos_with_imagenet_weights(
     # (seen: teacher 0.75, fine-tuned 0.875 of 24 test photos; chance is 0.33)
     for model in ("teacher", "finetuned"):
         assert metrics[model]["test"]["accuracy"] >= chance + 0.25, metrics
+    # the baseline on both backbones: frozen ImageNet Lite0 and Lite2 with a logistic regression
+    assert list(metrics)[:2] == ["probe", "probe_student"], list(metrics)
+    assert all(metrics[p]["test"]["accuracy"] >= chance + 0.25 for p in ("probe", "probe_student")), metrics
+    baseline = json.loads((repo / "reports/health.json").read_text())["baseline"]
+    assert [baseline[p]["arch"] for p in ("probe", "probe_student")] == [
+        "tf_efficientnet_lite0",
+        "tf_efficientnet_lite2",
+    ]
+    assert all(b["weights"] == "imagenet" and b["rows"] == 3 * 6 for b in baseline.values()), baseline
     # the folder has no test-add/: the split is left out and named, never NaN accuracy
     assert all(set(per_split) == {"test"} for per_split in metrics.values()), metrics
     assert "left out: test-add" in (repo / "reports/summary.md").read_text()

@@ -26,7 +26,7 @@ from sstl.models.factory import create_model
 from sstl.models.inference import infer
 from sstl.pipeline.pseudolabel import pseudo_targets, pseudolabel
 from sstl.pseudo.pool import clear_state, select_pool, select_pool_logits, state_file
-from sstl.pseudo.select import select_threshold, select_topk, soft_targets
+from sstl.pseudo.select import balance_to_prior, select_threshold, select_topk, soft_targets
 from sstl.pseudo.stream import Rows, Threshold, TopK, top_classes
 from sstl.runtime.device import CPU
 
@@ -250,10 +250,12 @@ def test_selected_rows_come_with_their_own_logits(
     model, _ = teacher
     got = select_pool_logits(model, images_of(pool), cfg, 3, runtime=CPU)
     assert got is not None
-    (index, label, score), logits = got
+    (index, label, score), logits, prior = got
     assert_same((index, label, score), reference(model, pool, cfg))
     assert logits.dtype == torch.float32 and logits.shape == (len(index), 3)
     assert torch.equal(logits, pool_logits(model, pool, cfg)[index]), "row i: image index[i]'s logits, bit for bit"
+    everything = pool_logits(model, pool, cfg).softmax(1).double().mean(0).float()
+    assert torch.allclose(prior, everything, atol=1e-6), "the prior: the mean softmax over the whole pool"
     if cfg.top_k == 60:
         assert len(set(index.tolist())) < len(index), "an image chosen for two classes: its logits in both rows"
 
@@ -263,7 +265,7 @@ def test_tta_scores_the_pool(teacher: tuple[Classifier, Path], pool: Path) -> No
     cfg = CFG.model_copy(update={"tta": "flip_translate"})
     got = select_pool_logits(model, images_of(pool), cfg, 3, runtime=CPU)
     assert got is not None
-    (index, label, score), logits = got
+    (index, label, score), logits, _ = got
     probs = pool_logits(model, pool, cfg).softmax(1)
     assert_same((index, label, score), select_topk(probs, cfg.top_k, cfg.top_p))
     assert torch.equal(logits, pool_logits(model, pool, cfg)[index])
@@ -294,6 +296,7 @@ def test_resume_after_a_kill(teacher: tuple[Classifier, Path], pool: Path, tmp_p
     assert want is not None
     assert_same(got[0], want[0])
     assert npy_bytes(soft_targets(got[1])) == npy_bytes(soft_targets(want[1])), "the same soft targets, byte for byte"
+    assert torch.equal(got.prior, want.prior), "the pool prior resumes with the state, bit for bit"
 
     other: list[int] = []  # a state from another run (other params) is ignored and overwritten
     changed = CFG.model_copy(update={"top_k": 5})
@@ -362,7 +365,8 @@ def test_workflow_rows_carry_manifest_paths(teacher: tuple[Classifier, Path], po
     model, _ = teacher
     out = pseudolabel(model, pool, CFG, ["a", "b", "c"], state_dir=tmp_path / "state", runtime=CPU)
     assert out is not None
-    rows, counts, probs = out
+    rows, counts, probs, ood = out
+    assert ood == []  # ood_quantile off
     assert probs.shape == (len(rows), 3)
     index, label, _ = reference(model, pool, CFG)
     assert [r["index"] for r in rows] == index.tolist()
@@ -376,7 +380,7 @@ def test_soft_targets_align_with_the_rows(teacher: tuple[Classifier, Path], pool
     cfg = CFG.model_copy(update={"top_p": 1})
     out = pseudolabel(model, pool, cfg, ["a", "b", "c"], state_dir=tmp_path / "state", runtime=CPU)
     assert out is not None
-    rows, _, probs = out
+    rows, _, probs, _ = out
     assert len(rows) > 0 and probs.dtype == torch.float32 and probs.shape == (len(rows), 3)
     labels = torch.tensor([r["label_index"] for r in rows])
     assert torch.equal(probs.argmax(1), labels), "at temperature 1 with top_p 1 the label is the argmax"
@@ -437,7 +441,7 @@ with distributed() as (rank, size):
     pool, select = np.load(images, mmap_mode="r"), SelectConfig.model_validate_json(cfg)
     sel = select_pool_logits(model, pool, select, 3, state_dir=Path(state), runtime=CPU)
     if rank == 0:
-        torch.save(sel, out)
+        torch.save(tuple(sel), out)
     else:
         assert sel is None
 """
@@ -468,3 +472,23 @@ def test_two_processes_select_as_one(teacher: tuple[Classifier, Path], pool: Pat
     assert one is not None
     assert_same(tuple(two[0]), one[0])
     assert torch.equal(two[1], one[1]), "each process's kept logits merged on rank 0"
+    assert torch.allclose(two[2], one.prior, atol=1e-6), "each process's share of the prior summed on rank 0"
+
+
+def test_balanced_selection_keeps_the_prior_on_a_skewed_pool() -> None:
+    # a teacher confident on an easy class: 900 confident rows of class 0, 100 of class 1, 0 of class 2
+    g = torch.Generator().manual_seed(0)
+    label = torch.cat([torch.zeros(900, dtype=torch.int64), torch.ones(100, dtype=torch.int64)])
+    score = torch.rand(1000, generator=g) * 0.1 + 0.9
+    skewed = torch.bincount(label, minlength=3).float() / len(label)
+    assert skewed[0] == 0.9  # what a plain threshold would teach the student
+    for prior, want in (([1 / 3, 1 / 3, 1 / 3], [100, 100, 0]), ([0.6, 0.2, 0.2], [300, 100, 0])):
+        keep = balance_to_prior(label, score, torch.tensor(prior))
+        counts = torch.bincount(label[keep], minlength=3).tolist()
+        assert counts == want, (prior, counts)
+        assert keep.tolist() == sorted(set(keep.tolist())), "positions, each once, in order"
+        for c in (0, 1):  # each class keeps its most confident rows
+            kept = score[keep][label[keep] == c]
+            dropped = score[torch.isin(torch.arange(1000), keep, invert=True) & (label == c)]
+            assert len(dropped) == 0 or kept.min() >= dropped.max()
+    assert len(balance_to_prior(label[:0], score[:0], torch.ones(3))) == 0

@@ -21,6 +21,19 @@ class SelectConfig(BaseModel):
         8192, ge=1, description="images per shard: the unit of resume (state saved after each) and of work per process"
     )
     tta: Tta = Field("none", description=TTA_HELP)
+    balance: Literal["none", "labelled", "pool"] = Field(
+        "none",
+        description="keep each class's share of the selection at most its prior: labelled = the labelled rows' "
+        "class shares, pool = the teacher's mean distribution over the pool (a skewed confident set cannot tilt the "
+        "student); none = as selected",
+    )
+    ood_quantile: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="drop selected pool images less similar to their nearest labelled photo (cosine, the teacher's "
+        "features) than this quantile of val photos are (0.05: 95% of val passes); listed in ood.csv; null: off",
+    )
     temperature: float = Field(
         1.0, gt=0.0, description="softmax temperature of the soft targets (the stage's --probs); not of the selection"
     )

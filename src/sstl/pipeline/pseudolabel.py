@@ -6,18 +6,20 @@ import csv
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from sstl.config.pseudo import SelectConfig
 from sstl.core.errors import SstlError
-from sstl.core.files import file_digest
-from sstl.data.dataset import ImageSet, load_images
+from sstl.core.files import file_digest, read_csv
+from sstl.data.dataset import ImageSet, load_images, load_split
 from sstl.models.classifier import Classifier
+from sstl.models.inference import infer
+from sstl.pseudo.ood import in_distribution
 from sstl.pseudo.pool import select_pool_logits
-from sstl.pseudo.select import soft_targets
+from sstl.pseudo.select import balance_to_prior, soft_targets
 from sstl.runtime.device import Runtime
 
 
@@ -30,10 +32,12 @@ def pseudolabel(
     state_dir: Path | None = None,
     on_shard: Callable[[int], None] | None = None,
     runtime: Runtime,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], torch.Tensor] | None:
+) -> Pseudo | None:
     """Stream the teacher over the prepared unlabelled pool and select: (selected rows, per-class
-    counts, soft targets), the soft targets float32 (M, C), row i = softmax(logits / cfg.temperature)
-    of the image of rows[i] (an image selected for two classes has its distribution in both rows).
+    counts, soft targets, rows dropped as out of distribution), the soft targets float32 (M, C), row
+    i = softmax(logits / cfg.temperature) of the image of rows[i] (an image selected for two classes
+    has its distribution in both rows). With `cfg.ood_quantile`, selected images of no class are
+    dropped first (sstl.pseudo.ood); with `cfg.balance`, the rest is then cut to the prior's shares.
 
     The pool is read shard by shard from its memory-mapped .npy (see select_pool_logits: resumable
     from `state_dir`, shared among torchrun processes). None on torchrun ranks other than 0.
@@ -52,7 +56,27 @@ def pseudolabel(
     )
     if selected is None:
         return None
-    (index, label, score), logits = selected
+    (index, label, score), logits = selected.selection, selected.logits
+    dropped: list[dict[str, Any]] = []
+    if cfg.ood_quantile is not None:
+        keep, sims, cut = _ood_filter(model, images, prepared, index, cfg.ood_quantile, runtime=runtime)
+        paths = split_paths(manifest, "unlabeled", set(index[~keep].tolist()))
+        dropped = [
+            {
+                "index": i,
+                "path": paths[i],
+                "predicted": classes[c],
+                "similarity": round(m, 6),
+                "threshold": round(cut, 6),
+            }
+            for i, c, m in zip(index[~keep].tolist(), label[~keep].tolist(), sims[~keep].tolist(), strict=True)
+        ]
+        index, label, score, logits = index[keep], label[keep], score[keep], logits[keep]
+    if cfg.balance != "none":
+        keep = balance_to_prior(
+            label, score, selected.prior if cfg.balance == "pool" else labelled_prior(manifest, classes)
+        )
+        index, label, score, logits = index[keep], label[keep], score[keep], logits[keep]
     paths = split_paths(manifest, "unlabeled", set(index.tolist()))
     rows = [
         {"index": i, "path": paths[i], "label": classes[c], "label_index": c, "score": round(s, 6)}
@@ -60,7 +84,42 @@ def pseudolabel(
     ]
     n = Counter(r["label"] for r in rows)
     counts = [{"class": name, "count": n.get(name, 0)} for name in classes]
-    return rows, counts, soft_targets(logits, cfg.temperature)
+    return Pseudo(rows, counts, soft_targets(logits, cfg.temperature), dropped)
+
+
+class Pseudo(NamedTuple):
+    rows: list[dict[str, Any]]  # the selected pool images: index, path, label, label_index, score
+    counts: list[dict[str, Any]]  # per class: class, count
+    probs: torch.Tensor  # (M, C) float32 soft targets, row i of rows[i]
+    ood: list[dict[str, Any]]  # selected, then dropped as of no class: index, path, predicted, similarity, threshold
+
+
+def _ood_filter(
+    model: Classifier, images: Any, prepared: Path, index: torch.Tensor, quantile: float, *, runtime: Runtime
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(keep, similarity, threshold) of the selected rows `index`: the teacher's features of those pool
+    images against the labelled rows', calibrated on val (sstl.pseudo.ood)."""
+    unique, where = torch.unique(index, return_inverse=True)  # an image selected for two classes: once
+    picked = torch.from_numpy(np.ascontiguousarray(images[unique.numpy()])) if len(unique) else None
+    feats = {
+        split: infer(
+            model, load_split(prepared, split).images, runtime=runtime, desc=f"{split} features", features=True
+        )
+        for split in ("labeled", "val")
+    }
+    pool = (
+        infer(model, picked, runtime=runtime, desc="pool features", features=True)
+        if picked is not None
+        else torch.zeros(0, feats["labeled"].shape[1])
+    )
+    keep, sims, cut = in_distribution(pool, feats["labeled"], feats["val"], quantile=quantile)
+    return keep[where], sims[where], round(cut, 6)
+
+
+def labelled_prior(manifest: Path, classes: list[str]) -> torch.Tensor:
+    """(C,) the class shares of the labelled rows (the teacher's training rows)."""
+    labels = [int(r["label_index"]) for r in read_csv(manifest) if r["split"] == "labeled"]
+    return torch.bincount(torch.tensor(labels, dtype=torch.int64), minlength=len(classes)).float() / max(len(labels), 1)
 
 
 def split_paths(manifest: Path, split: str, wanted: set[int]) -> dict[int, str]:

@@ -43,6 +43,30 @@ def select_topk(probs: torch.Tensor, k: int, p: int = 1) -> tuple[torch.Tensor, 
     return index.T[keep.T], label.T[keep.T], score.T[keep.T]
 
 
+def balance_to_prior(label: torch.Tensor, score: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """Positions (K,) into a selection's (label (M,), score (M,)) to keep, each class's most confident
+    first, so that the kept classes' shares are the `prior`'s (C,) among the classes selected at all.
+
+    The confident set of a teacher is skewed towards its easy classes; kept as it is, it teaches the
+    student that skew. The kept size is the largest the rarest selected class allows relative to its
+    prior (M* = min_c n_c / p_c), so every class keeps round(p_c M*) of its n_c rows. A class the
+    selection holds no row of is left out of the constraint (it cannot be made up)."""
+    num_classes = len(prior)
+    counts = torch.bincount(label, minlength=num_classes).double()
+    share = prior.double() / prior.double().sum()
+    present = (counts > 0) & (share > 0)
+    if not present.any():
+        return torch.zeros(0, dtype=torch.int64)
+    total = float((counts[present] / share[present]).min())
+    quota = torch.minimum(counts, (share * total).round()).long()
+    keep = []
+    for c in range(num_classes):
+        rows = torch.nonzero(label == c).flatten()
+        best = rows[score[rows].argsort(descending=True, stable=True)][: int(quota[c])]
+        keep.append(best)
+    return torch.cat(keep).sort().values
+
+
 def soft_targets(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Logits (M, C) -> float32 softmax(logits / temperature): the soft pseudo-labels, rows summing to 1."""
     if not temperature > 0:
