@@ -278,3 +278,10 @@ def test_report_command_help_and_plain_metrics_table(repo: Path, monkeypatch: py
     monkeypatch.chdir(repo)
     res = CliRunner().invoke(app, ["report"])
     assert res.exit_code == 0 and "| finetuned |" in res.stdout
+
+
+def test_the_baseline_comes_first_then_the_pipeline_order() -> None:
+    from sstl.review.layout import model_order
+
+    names = ["finetuned", "student2", "probe_student", "student", "teacher", "probe"]
+    assert sorted(names, key=model_order) == ["probe", "probe_student", "teacher", "student", "student2", "finetuned"]

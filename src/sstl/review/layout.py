@@ -19,8 +19,10 @@ def order_key(name: str, known: Sequence[str]) -> tuple[int, str]:
 
 
 def model_order(name: str) -> tuple[int, str]:
-    """The pipeline's order: the teacher, each round's student (params `rounds`: student, student2, ...
-    by name), the fine-tuned student last."""
+    """The pipeline's order: the baseline first (probe, probe_student), the teacher, each round's student
+    (params `rounds`: student, student2, ... by name), the fine-tuned student last."""
+    if name == "probe" or name.startswith("probe_"):
+        return (-1, name)
     return {"teacher": (0, ""), "finetuned": (2, "")}.get(name, (1, name))
 
 
