@@ -440,13 +440,19 @@ def _slow_import(tmp_path: Path, labels: Path, folder: Path) -> subprocess.Popen
     slow.write_text(
         "import shutil, sys, time\n"
         "real = shutil.move\n"
-        "def move(a, b):\n    time.sleep(0.2)\n    return real(a, b)\n"
+        "def move(a, b):\n    time.sleep(0.05)\n    return real(a, b)\n"
         "shutil.move = move\n"
         "from sstl.cli.app import app\n"
         "sys.argv = ['sstl', 'label-import', sys.argv[1], '--folder', sys.argv[2]]\n"
         "app()\n"
     )
-    proc = subprocess.Popen([sys.executable, str(slow), str(labels), str(folder)], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(slow), str(labels), str(folder)],
+        stderr=subprocess.PIPE,
+        text=True,
+        # as from a terminal: a shell's background job (a CI runner's `cmd &`) inherits SIGINT ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 60
     while not any((folder / "labeled/cat").iterdir()) and not any((folder / "labeled/dog").iterdir()):
         assert time.monotonic() < deadline and proc.poll() is None
