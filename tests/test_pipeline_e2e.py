@@ -205,7 +205,8 @@ def test_a_fresh_clone_runs_every_readme_command_after_sstl_run(project: Path, t
         ui.send_signal(signal.SIGHUP)  # the terminal closed: the server goes with it, the port is free
         assert ui.wait(timeout=60) == 0
         with socket.socket() as s:
-            s.bind(("127.0.0.1", port))
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # its closed connections may linger
+            s.bind(("127.0.0.1", port))  # in TIME_WAIT; a listener left behind would still fail this
     finally:
         if ui.poll() is None:
             os.killpg(ui.pid, signal.SIGKILL)

@@ -237,6 +237,28 @@ def test_a_taken_port_is_one_line_and_a_failure(tmp_path: Path, command: str) ->
     assert "http://" not in res.stdout  # no URL promised for a server that never started
 
 
+def test_a_port_whose_server_just_stopped_is_free_to_serve_again() -> None:
+    # a stopped server's own side of a connection it closed lingers in TIME_WAIT for a minute; the
+    # next `sstl ui` on that port must start (its server binds with SO_REUSEADDR), not say "in use"
+    from sstl.cli.servers import check_port
+    from sstl.core.errors import SstlError
+
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        with pytest.raises(SstlError, match=f"port {port} on 127.0.0.1 is in use"):
+            check_port("127.0.0.1", port)  # listening: taken
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            conn, _ = server.accept()
+            conn.close()  # the server closes first: its side goes to TIME_WAIT
+            client.recv(1)
+    with socket.socket() as plain, pytest.raises(OSError):
+        plain.bind(("127.0.0.1", port))  # the lingering connection is there
+    check_port("127.0.0.1", port)
+
+
 def _children(pid: int) -> list[int]:
     out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):

@@ -24,6 +24,9 @@ def check_port(host: str, port: int) -> None:
         raise SstlError(f"cannot serve on {host}: {err.strerror}: pass --host an address of this machine") from None
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as s:
+        # as the servers themselves bind (uvicorn, gunicorn): connections of a stopped server still in
+        # TIME_WAIT do not hold the port, a listening socket does
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(address)
         except OSError as err:
