@@ -47,7 +47,7 @@ def main() -> None:
     data = {split: load_split(args.data, split) for split in SPLITS}
     absent = [s for s, d in data.items() if len(d) == 0 and s != "val"]  # e.g. a folder without test-add/
     metrics, per_class, val_acc, collapses, confusion, reliability, checkpoints = {}, {}, {}, {}, {}, {}, {}
-    probe_val, baseline = {}, {}
+    probe_val, baseline, val_correct = {}, {}, {}
     with tracking.stage_run(
         "evaluate", p.mlflow.experiment, {**runtime.describe(), "evaluate": p.evaluate.model_dump()}
     ):
@@ -72,6 +72,7 @@ def main() -> None:
                     continue
                 if split == "val":
                     val_acc[name] = round(r["accuracy"], 4)
+                    val_correct[name] = [q == t for q, t in zip(r["predictions"], d.labels.tolist(), strict=True)]
                     collapses[name] = health.collapse(r["predictions"], d.labels, classes)
                     continue
                 metrics.setdefault(name, {})[split] = {k: round(r[k], 4) for k in ("accuracy", "macro_f1", "ece")}
@@ -83,7 +84,7 @@ def main() -> None:
                 write_csv(args.confusion / f"{name}-{split}.csv", rows)
                 confusion.setdefault(name, {})[split] = rows
                 reliability.setdefault(name, {})[split] = r["reliability"]
-        use = health.recommend(val_acc, order=list(models))  # the one model to use: summary, card, registry
+        use = health.recommend(val_correct, order=list(models))  # the one model to use: summary, card, registry
         accuracy = {m: {s: r["accuracy"] for s, r in per_split.items()} for m, per_split in metrics.items()}
         for m, a in {**val_acc, **probe_val}.items():
             accuracy.setdefault(m, {})["val"] = a

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
-from sstl.eval.health import at_chance, check_models, collapse, model_to_use, recommend
+from sstl.eval.health import at_chance, beaten_p, check_models, collapse, model_to_use, recommend
 from sstl.eval.report import summary_markdown
 
 CLASSES = ["cat", "dog", "owl", "fox"]
@@ -35,17 +36,38 @@ def test_student_below_teacher_on_val_is_a_warning() -> None:
     assert check_models({"teacher": 0.7, "student": 0.8, "finetuned": 0.8}, {}) == []
 
 
-def test_the_model_to_use_is_chosen_on_val_later_model_on_ties() -> None:
-    assert recommend({"teacher": 0.9, "student": 0.8, "finetuned": 0.85}) == "teacher"
-    assert recommend({"teacher": 0.8, "student": 0.9, "finetuned": 0.9}) == "finetuned"
+def right(n: int, of: int, first: int = 0) -> list[bool]:
+    """`of` val photos, the n from `first` on right."""
+    return [first <= i < first + n for i in range(of)]
+
+
+def test_the_sign_test_counts_only_the_photos_the_two_disagree_on() -> None:
+    assert beaten_p(right(43, 50), right(39, 50, first=8)) == pytest.approx(794 / 4096)  # 8 wins, 4 losses: 0.19
+    assert beaten_p(right(43, 50), right(39, 50)) == pytest.approx(1 / 16)  # the same 43 and 39, nested: 4 wins
+    assert beaten_p(right(10, 50), right(10, 50)) == 1.0  # the same photos right: no evidence at all
+    assert beaten_p(right(0, 12), right(12, 12)) == 1.0
+    assert beaten_p(right(12, 12), right(0, 12)) == pytest.approx(2**-12)
+
+
+def test_the_model_to_use_is_the_latest_not_beaten_on_val_beyond_chance() -> None:
+    # 50 val photos: the teacher's 43 right against the fine-tuned student's 39 is chance (p 0.19)
+    chance = {"teacher": right(43, 50), "student": right(39, 50, first=8), "finetuned": right(39, 50, first=8)}
+    assert recommend(chance) == "finetuned"
+    # 45 against 30 of the same photos is not (p 3e-5): the clearly worse later models are never used
+    clear = {"teacher": right(45, 50), "student": right(30, 50), "finetuned": right(31, 50)}
+    assert recommend(clear) == "teacher"
+    # the student beats the teacher and the fine-tuned student is not beaten by either
+    assert recommend({"teacher": right(30, 50), "student": right(45, 50), "finetuned": right(44, 50)}) == "finetuned"
+    assert recommend({"teacher": right(30, 50), "student": right(45, 50), "finetuned": right(30, 50)}) == "student"
 
 
 def test_with_rounds_each_student_is_checked_against_the_one_before_it() -> None:
     order = ["teacher", "student", "student2", "finetuned"]
     val = {"teacher": 0.70, "student": 0.80, "student2": 0.78, "finetuned": 0.81}
     assert check_models(val, {}, order=order) == ["student2 below student on val: 0.7800 < 0.8000"]
-    assert recommend({**val, "student2": 0.81}, order=order) == "finetuned"  # tie: the later model
-    assert recommend({**val, "student2": 0.82}, order=order) == "student2"
+    correct = {m: right(round(a * 100), 100) for m, a in val.items()}
+    assert recommend(correct, order=order) == "finetuned"
+    assert recommend({**correct, "finetuned": right(60, 100)}, order=order) == "student2"  # 78 vs 60: beaten
 
 
 def test_summary_names_the_model_to_use_warnings_and_absent_splits() -> None:
@@ -62,4 +84,3 @@ def test_the_model_to_use_is_the_one_health_json_names(tmp_path: Path) -> None:
     assert model_to_use(health) == Path("models/finetuned.pt")  # before evaluate has run
     health.write_text(json.dumps({"use": "teacher", "val_accuracy": {"teacher": 0.9, "finetuned": 0.8}}))
     assert model_to_use(health) == Path("models/teacher.pt")
-    assert recommend({"teacher": 0.9, "student": 0.85, "finetuned": 0.8}) == "teacher"

@@ -32,7 +32,7 @@ SMALL = {  # the photo profile, shrunk to a test's budget
     "tune": {"n_random": 3, "n_guided": 1},
     "teacher": {"head_epochs": 15, "epochs": 1},
     "pseudolabel": {"top_k": 8},
-    "student": {"head_epochs": 10, "epochs": 1},
+    "student": {"epochs": 2},
     "finetune": {"epochs": 1},
 }
 
@@ -90,6 +90,7 @@ def test_photo_profile_trains_on_real_photos_with_imagenet_weights(
     assert result.exit_code == 0, result.output
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert params["teacher"]["arch"] == "tf_efficientnet_lite0" and params["student"]["arch"] == "tf_efficientnet_lite2"
+    assert params["student"]["method"] == "fixmatch"  # the photo profile's student: consistency on the whole pool
     assert params["data"]["folder"] == str(photos)
     for section, values in SMALL.items():
         params[section] = params[section] | values
@@ -122,3 +123,5 @@ def test_photo_profile_trains_on_real_photos_with_imagenet_weights(
     assert tuple(teacher["data"]["mean"]) == (0.5, 0.5, 0.5), "lite's own normalisation, recorded"
     assert teacher["interpolation"] == "bicubic" and teacher["image_size"] == 64
     assert (repo / ".sstl-state/features").is_dir(), "tune and teacher trained phase 1 on cached features"
+    curve = (repo / "reports/curves/student.csv").read_text().splitlines()
+    assert len(curve) == 1 + 2 and "mask_rate" in curve[0], "the student: 2 passes of consistency over the pool"

@@ -19,7 +19,7 @@ from sstl.config.model import ModelConfig
 from sstl.config.pseudo import SelectConfig
 from sstl.config.runtime import DEVICE_HELP, TTA_HELP, Precision, Tta
 from sstl.config.serve import ServeConfig
-from sstl.config.train import AugmentConfig, PretrainConfig, SpaceEntry, TrainConfig
+from sstl.config.train import AugmentConfig, ConsistencyConfig, PretrainConfig, SpaceEntry, TrainConfig
 from sstl.core.errors import ParamsError, SstlError
 from sstl.core.files import write_text
 from sstl.models.factory import check_arch, data_config
@@ -108,6 +108,12 @@ class StudentParams(TeacherParams):
     pseudo_targets: Literal["hard", "soft"] = Field(
         "hard", description="soft: the teacher's distribution (pseudolabel.temperature) as each pseudo-label's target"
     )
+    method: Literal["noisy", "fixmatch"] = Field(
+        "noisy",
+        description="noisy: trained on labelled + pseudo-labelled photos (the seeds' noisy student); fixmatch: "
+        "consistency training on the whole pool, the top blocks on cached bottom activations (`consistency`)",
+    )
+    consistency: ConsistencyConfig = ConsistencyConfig()
 
 
 class FinetuneParams(Strict):

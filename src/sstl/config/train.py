@@ -90,6 +90,46 @@ class AugmentConfig(BaseModel):
         return self.crop_scale < 1.0 or self.rotate > 0 or self.color > 0 or self.blur_noise > 0
 
 
+class ConsistencyConfig(BaseModel):
+    """The consistency student (`student.method: fixmatch`): FixMatch on cached activations of the frozen
+    bottom of the backbone, its top `unfreeze_blocks` groups and the head trained (sstl.train.consistency).
+
+    Each unlabelled photo's weak view (as is, or mirrored) is scored; its prediction, aligned to the
+    pool's class distribution, is the target of one of its strong views when confident enough."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strong_views: int = Field(
+        2,
+        ge=1,
+        le=16,
+        description="strongly augmented views per unlabelled photo, computed once (memory: views x pool)",
+    )
+    flip: bool = Field(
+        True, description="the mirror image is a weak view too (2 weak views per photo); off for digits, text"
+    )
+    threshold: float = Field(0.95, gt=0.0, lt=1.0, description="FixMatch's confidence threshold tau")
+    flex: bool = Field(
+        True, description="FlexMatch: each class's threshold scaled by how much of the pool it has learnt (warm-up)"
+    )
+    flex_prior: bool = Field(
+        False,
+        description="FlexMatch's learning effect per class divided by its expected count (the prior below): on an "
+        "imbalanced pool a rare class's threshold then rises as it is learnt, not stays near 0",
+    )
+    align: bool = Field(
+        True, description="distribution alignment: weak predictions rescaled to the pool prior the head starts with"
+    )
+    unlabeled_ratio: int = Field(2, ge=1, le=16, description="mu: unlabelled photos per labelled one in a batch")
+    weight: float = Field(1.0, ge=0.0, description="lambda_u: weight of the unlabelled (consistency) loss")
+    distill: float = Field(
+        0.0, ge=0.0, description="weight of the teacher's soft pseudo-labels (its selected photos) on the strong views"
+    )
+    probe_head: bool = Field(
+        True, description="start the head at the frozen-feature probe (C by CV), not at random (linear heads)"
+    )
+
+
 # airbench's CIFAR-10 recipe (flip + 2 px translation at 32 px): light, and all of it batched
 AIRBENCH = AugmentConfig(hflip=True, crop_scale=1.0, rotate=0.0, translate=0.0625, color=0.0, blur_noise=0.0, erase=0.0)
 

@@ -6,6 +6,7 @@ val, never test; the baseline check also reports test and test-add, for it chang
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -13,8 +14,9 @@ from pathlib import Path
 import torch
 
 COLLAPSE_SHARE = 0.9  # one class taking >= 90% of val predictions, where the truth is far more even
-ORDER = ("teacher", "student", "finetuned")
-SPLITS = ("val", "test", "test-add")  # one round; each model should do at least as well on val as the one before
+ORDER = ("teacher", "student", "finetuned")  # one round; each should do at least as well on val as the one before
+SPLITS = ("val", "test", "test-add")
+ALPHA = 0.05  # a model is beaten on val when the sign test says so at this level
 
 
 def collapse(predictions: Sequence[int], labels: torch.Tensor, classes: Sequence[str]) -> str | None:
@@ -71,12 +73,31 @@ def below_baseline(
     return warnings
 
 
-def recommend(val_accuracy: Mapping[str, float], *, order: Sequence[str] = ORDER) -> str:
-    """The model to use: highest val accuracy; ties go to the later model of `order` (the pipeline's goal)."""
-    if not val_accuracy:
+def beaten_p(a: Sequence[bool], b: Sequence[bool]) -> float:
+    """How likely A does at least this much better than B by chance: on the photos exactly one of them
+    gets right (a[i], b[i]: right or not), the exact one-sided sign test (McNemar's) of A's share."""
+    wins = sum(x and not y for x, y in zip(a, b, strict=True))
+    n = wins + sum(y and not x for x, y in zip(a, b, strict=True))
+    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n
+
+
+def recommend(val_correct: Mapping[str, Sequence[bool]], *, order: Sequence[str] = ORDER, alpha: float = ALPHA) -> str:
+    """The model to use, chosen on val (which photos each model gets right): the latest model of `order`
+    that no other model beats beyond chance (`beaten_p` < alpha).
+
+    The later models are built to be better (the pipeline's goal), and a val set of a few dozen photos
+    cannot tell models a few points apart: on 50 photos, 43 right against 39 is p = 0.19 when the two
+    disagree on 12. A model clearly worse on val is never used. Where every model is beaten by some
+    other, the highest val accuracy (ties: the later)."""
+    if not val_correct:
         return order[-1]
     rank = {m: i for i, m in enumerate(order)}
-    return max(val_accuracy, key=lambda m: (round(val_accuracy[m], 6), rank.get(m, -1)))
+    names = sorted(val_correct, key=lambda m: rank.get(m, -1), reverse=True)  # latest first
+    for m in names:
+        if all(beaten_p(val_correct[o], val_correct[m]) >= alpha for o in names if o != m):
+            return m
+    accuracy = {m: sum(c) / max(len(c), 1) for m, c in val_correct.items()}
+    return max(names, key=lambda m: (round(accuracy[m], 6), rank.get(m, -1)))
 
 
 def model_to_use(health: Path, models: Path = Path("models")) -> Path:

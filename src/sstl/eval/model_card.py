@@ -289,7 +289,8 @@ def _health_section(verdict: Mapping[str, Any]) -> list[str]:
     lines = [
         "## Health",
         "",
-        f"Model to use: **{verdict.get('use', DASH)}** (highest val accuracy; test never chooses).",
+        f"Model to use: **{verdict.get('use', DASH)}** (the latest model no other beats on val beyond chance; "
+        "test never chooses).",
         "",
         *_table(("model", "val accuracy"), val.items(), right=(1,)),
         "",

@@ -21,7 +21,8 @@ def summary_markdown(metrics: dict[str, dict[str, dict[str, float]]], health: di
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     if health:
         val = ", ".join(f"{m} {a:.4f}" for m, a in health.get("val_accuracy", {}).items())
-        lines += ["", f"**Use: {health['use']}** (highest val accuracy: {val}; test is never used to choose)."]
+        rule = "the latest model no other beats on val beyond chance, sign test p < 0.05"
+        lines += ["", f"**Use: {health['use']}** ({rule}; val accuracy: {val}; test is never used to choose)."]
         lines += [f"- baseline: {baseline_line(name, b)}" for name, b in health.get("baseline", {}).items()]
         lines += [f"- left out: {s} (no images in this split)" for s in health.get("absent_splits", [])]
         lines += [f"- **WARNING**: {w}" for w in health.get("warnings", [])]

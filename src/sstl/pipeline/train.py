@@ -7,6 +7,7 @@ figures to `tracking`, so no training loop ever talks to MLflow itself.
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,14 +22,17 @@ from sstl.config.train import TrainConfig
 from sstl.core.files import check_writable, file_digest, read_csv, read_json, write_csv
 from sstl.data.dataset import ImageSet, load_classes, load_packing, load_split
 from sstl.data.transforms import Augmenter, augmenter
+from sstl.eval.probe import fit_probe
 from sstl.models.checkpoint import load_checkpoint, save_checkpoint
 from sstl.models.classifier import Classifier
 from sstl.models.factory import create_model
 from sstl.models.weights import resolve_weights
 from sstl.params import Params, TeacherParams
 from sstl.pipeline.pseudolabel import pseudo_targets
+from sstl.runtime.device import Runtime
 from sstl.runtime.distributed import distributed, world
 from sstl.track import tracking
+from sstl.train.consistency import Pool, fit_consistency
 from sstl.train.loop import FitResult, fit, seed_everything
 from sstl.train.resume import drop_state
 from sstl.train.setup import FitSetup
@@ -70,20 +74,28 @@ class Job:
 
 
 def train_and_save(
-    job: Job, train: ImageSet, val: ImageSet, setup: FitSetup, *, classes: list[str], state: Path | None = None
+    job: Job,
+    train: ImageSet,
+    val: ImageSet,
+    setup: FitSetup,
+    *,
+    classes: list[str],
+    state: Path | None = None,
+    fitter: Callable[..., FitResult] = fit,
 ) -> FitResult:
     """Fit, then (on rank 0) write the checkpoint, with its resolved config and runtime, and the per-epoch
     curve; log both. Under torchrun every process trains; one writes.
 
     `state`: fit's per-epoch resumable state. It is removed only once everything here is written and
-    logged, so a kill during the checkpoint or the MLflow upload resumes at the end of training."""
+    logged, so a kill during the checkpoint or the MLflow upload resumes at the end of training.
+    `fitter`: `loop.fit`, or a fit of the same signature (the consistency student's)."""
     lead = world()[0] == 0
     if lead:  # fail now, not after the training, when the checkpoint or the epoch state cannot be written
         model_mb = sum(t.numel() * t.element_size() for t in job.model.state_dict().values()) / 2**20
         check_writable(job.checkpoint, job.curve, need_mb=1.1 * model_mb)
         if state is not None:  # weights, best weights, Adam's two moments
             check_writable(state, need_mb=4.4 * model_mb)
-    result = fit(
+    result = fitter(
         job.model,
         train,
         val,
@@ -130,6 +142,7 @@ class Plan:
     augment_head: bool = True
     feature_cache: Path | None = None
     targets: torch.Tensor | None = None  # soft targets (N, C) for `train`'s rows; None: its labels
+    fitter: Callable[..., FitResult] = fit  # or the consistency student's fit, its pool bound
     metrics: dict[str, Any] = field(default_factory=dict)  # logged before training
 
 
@@ -171,26 +184,58 @@ def teacher_plan(p: Params, args: argparse.Namespace, *, labeled: ImageSet, clas
 
 
 def student_plan(p: Params, args: argparse.Namespace, *, labeled: ImageSet, classes: list[str]) -> Plan:
-    """A round's student: the labelled rows (their labels) + its teacher's pseudo-labelled rows."""
+    """A round's student: the labelled rows (their labels) + its teacher's pseudo-labelled rows; or, with
+    `student.method: fixmatch`, the labelled rows and the whole pool under the consistency loss."""
     i, rnd = p.round_of(student=args.model.stem)  # models/<name>.pt
-    pool = load_split(args.data, "unlabeled", lazy=True)  # only the pseudo-labelled rows are read
-    pseudo, soft = pseudo_targets(pool, read_csv(args.labels), np.load(args.probs))
-    hard = one_hot(labeled.labels, len(classes)).float()  # the labelled rows' targets stay their labels
+    pool = load_split(args.data, "unlabeled", lazy=True)  # only the rows a step reads are read
+    rows = read_csv(args.labels)
+    pseudo, soft = pseudo_targets(pool, rows, np.load(args.probs))
     student = resolve_weights(p.student, args.pretrain)
     config = {"student": student.model_dump(), "teacher": rnd.teacher, "seed": p.seed}
     job = _new_job(student, args, len(classes), p.seed, config=config)
-    return Plan(
+    plan = Plan(
         stage="student" if i == 0 else f"student@{i}",
         state=rnd.student,
         job=job,
-        train=ImageSet.concat(labeled, pseudo),
+        train=labeled,
         run_params={"teacher": rnd.teacher, "student": p.student.model_dump()},
         augment=augmenter(p.student.augment, int(labeled.images.shape[1]), p.seed),  # per image, then batched
         augment_head=p.student.augment.head_phase,
         feature_cache=FEATURES,
-        targets=torch.cat([hard, soft]) if p.student.pseudo_targets == "soft" else None,
         metrics={"n_labeled": len(labeled), "n_pseudo": len(pseudo)},
     )
+    if p.student.method == "fixmatch":
+        chosen = torch.zeros(len(pool), dtype=torch.bool)
+        index = torch.tensor([int(r["index"]) for r in rows], dtype=torch.int64)
+        targets = torch.zeros((len(pool), len(classes)))
+        targets[index], chosen[index] = soft, True
+        head = functools.partial(_probe_head, p, labeled, len(classes)) if p.student.consistency.probe_head else None
+        fitter = functools.partial(
+            fit_consistency,
+            pool=Pool(images=pool, soft=targets, chosen=chosen),
+            consistency=p.student.consistency,
+            head_init=head,
+        )
+        return replace(plan, fitter=fitter, metrics=plan.metrics | {"n_pool": len(pool)})
+    hard = one_hot(labeled.labels, len(classes)).float()  # the labelled rows' targets stay their labels
+    return replace(
+        plan,
+        train=ImageSet.concat(labeled, pseudo),
+        targets=torch.cat([hard, soft]) if p.student.pseudo_targets == "soft" else None,
+    )
+
+
+def _probe_head(p: Params, labeled: ImageSet, num_classes: int, model: Classifier, runtime: Runtime) -> None:
+    """The consistency student's head starts as the frozen-feature probe of its backbone (a linear head)."""
+    layers = [m for m in model.head.modules() if isinstance(m, torch.nn.Linear)]
+    if len(layers) != 1:
+        return  # an MLP head starts at random
+    probe = p.probe
+    grid, folds, max_iter = probe.C, probe.folds, probe.max_iter
+    fit_probe(
+        model, labeled.images, labeled.labels, num_classes=num_classes, grid=grid, folds=folds, seed=p.seed,
+        runtime=runtime, max_iter=max_iter,
+    )  # fmt: skip
 
 
 def finetune_plan(p: Params, args: argparse.Namespace, *, labeled: ImageSet, classes: list[str]) -> Plan:
@@ -236,5 +281,5 @@ def run_training(plan: PlanFn, args: argparse.Namespace, p: Params) -> FitResult
                 feature_cache=todo.feature_cache,
             )
             state = Path(f".sstl-state/train/{todo.state}.pt")  # per-epoch resume state: git-ignored
-            result = train_and_save(todo.job, todo.train, val, setup, classes=classes, state=state)
+            result = train_and_save(todo.job, todo.train, val, setup, classes=classes, state=state, fitter=todo.fitter)
     return result if rank == 0 else None

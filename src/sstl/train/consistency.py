@@ -1,0 +1,397 @@
+"""The consistency student (`student.method: fixmatch`): FixMatch with FlexMatch thresholds and
+distribution alignment, trained on cached activations of the backbone's frozen bottom.
+
+Why cached: on a CPU the bottom of an ImageNet backbone is most of the compute and, frozen, gives the
+same activations every epoch. Computed once per view (2 weak views of every photo: as it is and
+mirrored; `strong_views` strongly augmented views of every unlabelled photo), the top `unfreeze_blocks`
+groups and the head then see every view of the pool for many epochs in the time one epoch of the
+whole network would take.
+
+One step, B labelled rows and mu*B unlabelled ones, one forward pass over all three parts:
+  loss = CE(labelled weak view, its label)
+       + weight  * mean(mask * CE(strong view, argmax q))     q: the weak view's prediction, aligned, no grad
+       + distill * CE(strong view, the teacher's soft target)  (the rows the pseudolabel stage selected)
+  mask: max q >= threshold * M(beta_c), M(b) = b / (2 - b) (FlexMatch); beta_c is the share of the pool
+  confidently predicted as c over the largest of those shares and the not yet confident rows, so every
+  threshold starts low and rises as the class is learnt.
+Alignment (ReMixMatch): q = p * prior / mean(p), renormalised; prior is the starting model's mean
+prediction over the pool (the probe head's, when `probe_head`), mean(p) a running mean of recent batches.
+The LR decays as cos(7 pi t / 16 T) over the T steps (FixMatch); the last weights are kept: a val set of
+a few dozen photos cannot pick an epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from sstl.config.train import ConsistencyConfig, TrainConfig
+from sstl.core.errors import DivergedError, SstlError
+from sstl.data.dataset import ImageSet
+from sstl.data.transforms import Augmenter
+from sstl.models.classifier import Classifier, set_trainable, train_mode
+from sstl.runtime.device import Runtime
+from sstl.runtime.distributed import world
+from sstl.train.loop import FitResult, seed_everything
+from sstl.train.resume import Saver, data_digest, fingerprint, set_rng_state
+from sstl.train.setup import FitSetup
+
+BATCH = 64  # images per forward pass of the bottom while the views are computed
+DA_MOMENTUM = 0.999  # running mean of the weak predictions (ReMixMatch's)
+
+
+class _Stop(Exception):
+    """Raised by the bottom's hook once the activations it wants are there: the rest is not computed."""
+
+
+class Split:
+    """`model`'s backbone cut before its top `top` groups (`model.blocks`, stem first).
+
+    The cut is the largest module that starts the first top group and holds nothing of the groups
+    below it (`blocks.5`, a whole stage, for EfficientNet's group 6), so that a residual never reaches
+    across it. `bottom` maps preprocessed images to the activations entering that module; `pooled` maps
+    such activations to the backbone's pooled features, by a forward pass whose input batch is empty
+    until the cut, where the hook puts the activations in: no family-specific forward is written.
+    """
+
+    def __init__(self, model: Classifier, top: int) -> None:
+        n = len(model.blocks)
+        if not 0 < top < n:
+            raise SstlError(
+                f"student.unfreeze_blocks is {top}: the consistency student trains the top 1 to {n - 1} of the "
+                f"{n} groups of its backbone, on the activations of the frozen rest: set it in that range"
+            )
+        self.model = model
+        self.entry = _entry_module(model, n - top)
+        self._side = 0
+
+    def bottom(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) preprocessed images -> the activations entering the cut (inference)."""
+        caught: list[torch.Tensor] = []
+
+        def grab(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            caught.append(args[0])
+            raise _Stop
+
+        handle = self.entry.register_forward_pre_hook(grab)
+        try:
+            self.model.backbone(x)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        if not caught:
+            raise SstlError("the backbone never reached its top groups: it cannot train as a consistency student")
+        self._side = int(x.shape[-1])
+        return caught[0]
+
+    def pooled(self, act: torch.Tensor) -> torch.Tensor:
+        """Activations at the cut (N, ...) -> pooled backbone features (N, D)."""
+
+        def put(_module: nn.Module, _args: tuple[Any, ...]) -> tuple[torch.Tensor]:
+            return (act,)
+
+        handle = self.entry.register_forward_pre_hook(put)
+        try:
+            empty = act.new_zeros((0, 3, self._side, self._side))  # the bottom computes nothing
+            return self.model.backbone(empty)
+        finally:
+            handle.remove()
+
+
+def _entry_module(model: Classifier, group: int) -> nn.Module:
+    """The module the cut goes before: see `Split`."""
+    modules = dict(model.backbone.named_modules())
+    names = {id(m): name for name, m in modules.items()}
+    below = {names[id(m)] for block in model.blocks[:group] for m in block.modules() if id(m) in names}
+    first = model.blocks[group]
+    if id(first) not in names:  # timm's groups: a list of the backbone's modules, not one of them
+        first = next(m for m in first.modules() if id(m) in names)
+    chosen = names[id(first)]
+    parts = chosen.split(".")
+    for k in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:k])
+        if any(b == prefix or b.startswith(prefix + ".") for b in below):
+            break
+        chosen = prefix
+    return modules[chosen]
+
+
+class Top(nn.Module):
+    """The trained part: activations at the cut -> the top groups -> pooled features -> head -> logits."""
+
+    def __init__(self, split: Split) -> None:
+        super().__init__()
+        self.split = split
+        self.model = split.model
+
+    def forward(self, act: torch.Tensor) -> torch.Tensor:
+        return self.model.head(self.split.pooled(act))
+
+
+@torch.inference_mode()
+def views(
+    split: Split,
+    images: torch.Tensor,
+    *,
+    runtime: Runtime,
+    flip: bool,
+    strong: int = 0,
+    augment: Augmenter | None = None,
+    desc: str = "views",
+) -> torch.Tensor:
+    """Bottom activations of uint8 images (N, H, W, 3): (W + strong, N, ...), the W weak views (as they
+    are; mirrored too with `flip`), then `strong` views under `augment` (its seeded streams: the same
+    views every run)."""
+    model = split.model
+    model.eval()
+    out: torch.Tensor | None = None
+    n = len(images)
+    for start in tqdm(range(0, n, BATCH), desc=desc, unit="batch", disable=None):
+        x = images[start : start + BATCH]
+        batch = [x, x.flip(2)] if flip else [x]
+        if strong:
+            assert augment is not None
+            batch += [augment(x) for _ in range(strong)]
+        for v, xv in enumerate(batch):
+            with runtime.autocast():
+                act = split.bottom(model.preprocess(runtime.put(xv)))
+            if out is None:
+                out = torch.empty((len(batch), n, *act.shape[1:]), dtype=act.dtype)
+            out[v, start : start + len(x)] = act.cpu()
+    if out is None:
+        raise SstlError(f"{desc}: no images")
+    return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pool:
+    """The unlabelled photos the consistency loss trains on, and the teacher's soft targets of those the
+    pseudolabel stage selected (`soft` (N, C); `chosen` (N,) bool marks them)."""
+
+    images: ImageSet
+    soft: torch.Tensor
+    chosen: torch.Tensor
+
+
+def fit_consistency(
+    model: Classifier,
+    train: ImageSet,
+    val: ImageSet,
+    cfg: TrainConfig,
+    setup: FitSetup,
+    *,
+    pool: Pool,
+    consistency: ConsistencyConfig,
+    head_init: Callable[[Classifier, Runtime], None] | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    state: Path | None = None,
+    keep_state: bool = False,
+) -> FitResult:
+    """Train `model`'s top `cfg.unfreeze_blocks` groups and head with the consistency loss for
+    `cfg.epochs` passes over the pool; `train` are the labelled rows. Same contract as `loop.fit`:
+    the history per epoch, a per-epoch resumable `state`, a non-finite loss stops with one line."""
+    if world()[1] > 1:
+        raise SstlError("student.method fixmatch trains in one process: run the student stage without torchrun")
+    runtime, ccfg = setup.runtime, consistency
+    seed_everything(setup.seed)
+    model.to(runtime.device)
+    split = Split(model, cfg.unfreeze_blocks)
+    if head_init is not None:
+        head_init(model, runtime)  # before anything reads the head: the prior below is the starting model's
+    _check_cut(split, val.images[:4], runtime)
+    weak, flip = (2 if ccfg.flip else 1), ccfg.flip
+    pool_v = views(
+        split, pool.images.images, runtime=runtime, flip=flip, strong=ccfg.strong_views, augment=setup.augment,
+        desc="pool views",
+    )  # fmt: skip
+    lab_v = views(split, train.images, runtime=runtime, flip=flip, desc="labelled views")
+    val_v = views(split, val.images, runtime=runtime, flip=False, desc="val views")[0]
+    net = Top(split)
+    c = setup.num_classes
+    prior = _mean_prediction(net, pool_v[0], runtime, c)
+    generator = torch.Generator().manual_seed(setup.seed)
+    saver = Saver(state, generator, None, _fingerprint(model, train, val, cfg, setup, pool, ccfg) if state else "")
+    set_trainable(model, cfg.unfreeze_blocks)
+    head = {id(p) for p in model.head.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if id(p) not in head], "lr": cfg.finetune_lr},
+        {"params": [p for p in trainable if id(p) in head], "lr": cfg.lr},
+    ]
+    optimizer: torch.optim.Optimizer
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(
+            groups, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay
+        )
+    else:
+        optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    u = ccfg.unlabeled_ratio * cfg.batch_size
+    steps = math.ceil(len(pool.images) / u)
+    total = cfg.epochs * steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: math.cos(7 * math.pi * t / (16 * total)))
+    learnt = torch.full((len(pool.images),), -1, dtype=torch.int64)  # FlexMatch: each row's confident class
+    mean_p = prior.clone()
+    history: list[dict[str, float]] = []
+    seen, start = 0, time.perf_counter()
+    saved = saver.load(setup.desc, cfg.epochs)
+    if saved is not None:  # resume, before the loop
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        learnt, mean_p = saved["learnt"], saved["mean_p"]
+        history, seen = list(saved["history"]), saved["seen"]
+        start -= saved["seconds"]
+        set_rng_state(saved["rng"][0], generator, None)
+    resumed = len(history)
+    prior_d, mean_d = runtime.put(prior), runtime.put(mean_p)
+    with tqdm(total=cfg.epochs, initial=resumed, desc=setup.desc, unit="epoch", disable=None) as bar:
+        for epoch in range(resumed + 1, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            train_mode(model, cfg.unfreeze_blocks, freeze_bn=cfg.freeze_bn)
+            sums = dict.fromkeys(("loss", "labelled", "unlabelled", "distill", "mask", "correct"), 0.0)
+            order = torch.randperm(len(pool.images), generator=generator)
+            labelled = _cycle(len(train), cfg.batch_size * steps, generator)
+            for s in range(steps):
+                ui = order[s * u : (s + 1) * u]
+                li = labelled[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+                x_l = lab_v[torch.randint(weak, (len(li),), generator=generator), li]
+                x_w = pool_v[torch.randint(weak, (len(ui),), generator=generator), ui]
+                x_s = pool_v[weak + torch.randint(ccfg.strong_views, (len(ui),), generator=generator), ui]
+                with runtime.autocast():
+                    logits = net(runtime.put(torch.cat([x_l, x_w, x_s]))).float()
+                l_l, l_w, l_s = logits.split([len(li), len(ui), len(ui)])
+                y = runtime.put(train.labels[li])
+                p = l_w.detach().softmax(1)
+                if ccfg.align:  # towards the prior, away from what the model over-predicts lately
+                    mean_d.mul_(DA_MOMENTUM).add_(p.mean(0), alpha=1 - DA_MOMENTUM)
+                    p = p * prior_d / mean_d
+                    p = p / p.sum(1, keepdim=True)
+                conf, guess = p.max(1)
+                tau = torch.full((c,), ccfg.threshold, device=conf.device)
+                if ccfg.flex:
+                    sure = conf.cpu() >= ccfg.threshold
+                    learnt[ui[sure]] = guess.cpu()[sure]
+                    effect = torch.bincount(learnt[learnt >= 0], minlength=c).float()
+                    unused = float((learnt < 0).sum())
+                    if ccfg.flex_prior:  # per class: the share of its expected photos learnt, not their count
+                        effect, unused = effect / (prior * len(learnt)).clamp(min=1.0), unused / len(learnt)
+                    beta = effect / max(float(effect.max()), unused, 1e-12)
+                    tau = tau * runtime.put(beta / (2 - beta))
+                mask = (conf >= tau[guess]).float()
+                loss_l = F.cross_entropy(l_l, y)
+                loss_u = (F.cross_entropy(l_s, guess, reduction="none") * mask).mean()
+                loss = loss_l + ccfg.weight * loss_u
+                loss_d = torch.zeros((), device=loss.device)
+                chosen = pool.chosen[ui]
+                if ccfg.distill > 0 and bool(chosen.any()):
+                    target = runtime.put(pool.soft[ui[chosen]])
+                    loss_d = F.cross_entropy(l_s[runtime.put(chosen)], target)
+                    loss = loss + ccfg.distill * loss_d
+                if not bool(torch.isfinite(loss)):
+                    lr = optimizer.param_groups[0]["lr"]
+                    where = f"at epoch {epoch}, batch {s + 1} (lr {lr:g})"
+                    raise DivergedError(f"training diverged: loss {loss.item()} {where}: lower the lr")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                for key, value in (("loss", loss), ("labelled", loss_l), ("unlabelled", loss_u), ("distill", loss_d)):
+                    sums[key] += float(value.detach())
+                sums["mask"] += float(mask.mean())
+                sums["correct"] += float((l_l.argmax(1) == y).float().mean())
+            row: dict[str, float] = {"phase": 2, "lr": optimizer.param_groups[0]["lr"]}
+            row |= {"train_loss": sums["loss"] / steps, "train_acc": sums["correct"] / steps}
+            row |= {f"{k}_loss": sums[k] / steps for k in ("labelled", "unlabelled", "distill")}
+            row["mask_rate"] = sums["mask"] / steps
+            row |= _evaluate(net, val_v, val.labels, runtime)
+            row |= {"epoch": epoch, "seconds": time.perf_counter() - t0}
+            seen += steps * (cfg.batch_size + 2 * u)
+            history.append(row)
+            if on_epoch is not None:
+                on_epoch(row)
+            bar.update(1)
+            saver.save(  # one save per epoch: everything the next one depends on
+                model=model.state_dict(),
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(),
+                learnt=learnt,
+                mean_p=mean_d.cpu(),
+                history=history,
+                seen=seen,
+                seconds=time.perf_counter() - start,
+            )
+    final = _evaluate(net, val_v, val.labels, runtime)
+    if not keep_state:
+        saver.drop()
+    return FitResult(history, final["val_loss"], final["val_acc"], time.perf_counter() - start, seen, resumed)
+
+
+@torch.inference_mode()
+def _check_cut(split: Split, images: torch.Tensor, runtime: Runtime) -> None:
+    """The cut network computes what the whole one does, or one line saying this backbone cannot be cut."""
+    model = split.model
+    model.eval()
+    x = model.preprocess(runtime.put(images))
+    whole, cut = model.features(x), split.pooled(split.bottom(x))
+    if not torch.allclose(whole, cut, rtol=1e-4, atol=1e-5):
+        raise SstlError(
+            f"{type(model.backbone).__name__}'s forward does not run its groups in sequence, so its top cannot "
+            "train on cached activations: use student.method noisy for this arch"
+        )
+
+
+def _cycle(n: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    """`length` row indices of 0..n-1: shuffled passes one after another (every labelled row as often)."""
+    passes = -(-length // n)
+    return torch.cat([torch.randperm(n, generator=generator) for _ in range(passes)])[:length]
+
+
+@torch.inference_mode()
+def _mean_prediction(net: Top, acts: torch.Tensor, runtime: Runtime, c: int) -> torch.Tensor:
+    net.model.eval()
+    total = torch.zeros(c)
+    for chunk in acts.split(256):
+        with runtime.autocast():
+            total += net(runtime.put(chunk)).float().softmax(1).sum(0).cpu()
+    return total / len(acts)
+
+
+@torch.inference_mode()
+def _evaluate(net: Top, acts: torch.Tensor, labels: torch.Tensor, runtime: Runtime) -> dict[str, float]:
+    net.model.eval()
+    loss, correct = 0.0, 0
+    for chunk, y in zip(acts.split(256), labels.split(256), strict=True):
+        with runtime.autocast():
+            logits = net(runtime.put(chunk)).float()
+        y = runtime.put(y)
+        loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+    return {"val_loss": loss / len(labels), "val_acc": correct / len(labels)}
+
+
+def _fingerprint(
+    model: nn.Module,
+    train: ImageSet,
+    val: ImageSet,
+    cfg: TrainConfig,
+    setup: FitSetup,
+    pool: Pool,
+    ccfg: ConsistencyConfig,
+) -> str:
+    """loop's fingerprint, plus what only this fit depends on: the pool, its soft targets, the method's keys."""
+    h = hashlib.sha256(fingerprint(model, train, val, cfg, setup).encode())
+    h.update(data_digest(pool.images.images, pool.images.labels).encode())
+    h.update(pool.soft.float().contiguous().numpy().tobytes() + pool.chosen.numpy().tobytes())
+    h.update(ccfg.model_dump_json().encode())
+    return h.hexdigest()

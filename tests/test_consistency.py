@@ -1,0 +1,127 @@
+"""The consistency student (sstl.train.consistency): the cut backbone computes what the whole one does,
+FixMatch on real digits beats the same training without the unlabelled photos, and a killed run
+resumes to the same bytes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sstl.config.model import ModelConfig
+from sstl.config.train import AugmentConfig, ConsistencyConfig, TrainConfig
+from sstl.core.errors import SstlError
+from sstl.data.dataset import ImageSet, load_split
+from sstl.data.demo import write_demo
+from sstl.data.prepare import prepare_folder
+from sstl.data.transforms import augmenter
+from sstl.eval.probe import fit_probe
+from sstl.models.classifier import Classifier, model_digest
+from sstl.models.factory import create_model
+from sstl.models.inference import infer
+from sstl.pipeline.train import build_model
+from sstl.runtime.device import CPU, Runtime
+from sstl.train.consistency import Pool, Split, fit_consistency
+from sstl.train.setup import FitSetup
+
+DIGITS_AUGMENT = AugmentConfig(hflip=False, crop_scale=0.7, rotate=15, translate=0.1, color=0.4, blur_noise=0.3)
+
+
+@pytest.mark.parametrize(("arch", "weights"), [("tf_efficientnet_lite0", "imagenet"), ("resnet18", "none")])
+@pytest.mark.parametrize("top", [1, 2])
+def test_the_cut_backbone_computes_what_the_whole_one_does(arch: str, weights: str, top: int) -> None:
+    model = create_model(ModelConfig(arch=arch, weights=weights, head_layers=0), 3).eval()
+    split = Split(model, top)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        act = split.bottom(x)
+        assert act.shape[0] == 3 and act.shape[1:] != x.shape[1:]  # an inner activation, not the images
+        assert torch.equal(split.pooled(act), model.features(x))
+    # a residual never crosses the cut: the module it goes before holds no parameter of the groups below
+    below = {id(p) for block in model.blocks[: len(model.blocks) - top] for p in block.parameters()}
+    assert not below & {id(p) for p in split.entry.parameters()}
+
+
+def test_a_cut_outside_the_backbone_is_one_line() -> None:
+    model = create_model(ModelConfig(arch="resnet18", weights="none", head_layers=0), 3)
+    n = len(model.blocks)
+    for top in (0, n):
+        with pytest.raises(SstlError, match=f"student.unfreeze_blocks is {top}: .* top 1 to {n - 1} of the {n} groups"):
+            Split(model, top)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ImageSet]:
+    """Real scanned digits (scikit-learn's), 4 labelled per class, 64 px: few labels, a pool to learn from."""
+    root = tmp_path_factory.mktemp("digits")
+    write_demo(root / "photos", labels_per_class=4, test_fraction=0.2, test_add_fraction=0.0, seed=0)
+    prepare_folder(root / "photos", root / "prepared", image_size=64, val_fraction=0.25, seed=0)
+    return {s: load_split(root / "prepared", s) for s in ("labeled", "val", "unlabeled", "test")}
+
+
+def _pool(images: ImageSet, num_classes: int) -> Pool:
+    return Pool(images=images, soft=torch.zeros(len(images), num_classes), chosen=torch.zeros(len(images), dtype=bool))
+
+
+def _probe_init(labeled: ImageSet) -> object:
+    def init(model: Classifier, runtime: Runtime) -> None:
+        fit_probe(
+            model, labeled.images, labeled.labels, num_classes=10, grid=[0.1, 1.0], folds=2, seed=0, runtime=runtime
+        )
+
+    return init
+
+
+def test_consistency_beats_labelled_only_on_real_digits(digits: dict[str, ImageSet]) -> None:
+    # the same network, schedule, views and start (the ImageNet probe's head): only the unlabelled loss
+    # differs. Measured: 0.6435 labelled only, 0.7688 with it (Lite0's top group, 15 passes over 1,000
+    # pool digits); with 700 digits and 10 passes, 0.63 and 0.68: the gain grows with the pool and the passes
+    pool = digits["unlabeled"].subset(torch.arange(1000))
+    cfg = TrainConfig(epochs=15, lr=3e-3, finetune_lr=1e-3, unfreeze_blocks=1, batch_size=32, freeze_bn=True)
+    accuracy = {}
+    for weight in (0.0, 1.0):
+        model = build_model(ModelConfig(arch="tf_efficientnet_lite0", weights="imagenet", head_layers=0), 10, seed=0)
+        setup = FitSetup(num_classes=10, seed=0, runtime=CPU, augment=augmenter(DIGITS_AUGMENT, 64, 0))
+        result = fit_consistency(
+            model,
+            digits["labeled"],
+            digits["val"],
+            cfg,
+            setup,
+            pool=_pool(pool, 10),
+            consistency=ConsistencyConfig(flip=False, strong_views=2, weight=weight),
+            head_init=_probe_init(digits["labeled"]),  # type: ignore[arg-type]
+        )
+        assert len(result.history) == 15 and {"mask_rate", "unlabelled_loss"} <= set(result.history[-1])
+        test = digits["test"]
+        accuracy[weight] = float((infer(model, test.images, runtime=CPU).argmax(1) == test.labels).float().mean())
+    assert accuracy[1.0] >= accuracy[0.0] + 0.06, accuracy
+
+
+def test_a_killed_consistency_run_resumes_to_the_same_bytes(digits: dict[str, ImageSet], tmp_path: Path) -> None:
+    pool = _pool(digits["unlabeled"].subset(torch.arange(192)), 10)
+    cfg = TrainConfig(epochs=3, lr=3e-3, finetune_lr=1e-3, unfreeze_blocks=1, batch_size=16)
+    ccfg = ConsistencyConfig(flip=False, strong_views=1, probe_head=False)
+
+    def run(state: Path | None, stop_after: int | None = None) -> str:
+        model = build_model(ModelConfig(arch="convnet_s", weights="none", head_layers=0), 10, seed=0)
+        setup = FitSetup(num_classes=10, seed=0, runtime=CPU, augment=augmenter(DIGITS_AUGMENT, 64, 0))
+
+        def on_epoch(row: dict[str, float]) -> None:
+            if row["epoch"] == stop_after:
+                raise KeyboardInterrupt  # before this epoch's save: the state holds the one before
+
+        fit_consistency(
+            model, digits["labeled"], digits["val"], cfg, setup, pool=pool, consistency=ccfg, state=state,
+            on_epoch=on_epoch,
+        )  # fmt: skip
+        return model_digest(model)
+
+    whole = run(None)
+    state = tmp_path / "state.pt"
+    with pytest.raises(KeyboardInterrupt):
+        run(state, stop_after=3)
+    assert state.is_file()
+    assert run(state) == whole
+    assert not state.exists(), "a finished fit removes its state"
