@@ -221,7 +221,9 @@ def render(r: dict) -> str:
         "probe": "baseline: frozen Lite0 + logistic regression (the teacher's labels, C by 5-fold CV)",
         "probe_student": "baseline: frozen Lite2 + logistic regression (same labels and CV)",
         "teacher": "teacher (Lite0, 20 labels/class)",
-        "student": "student (Lite2, + pseudo-labels)",
+        "student": "student (Lite2, consistency on the whole pool)"
+        if r.get("student_method") == "fixmatch"
+        else "student (Lite2, + pseudo-labels)",
         "finetuned": "fine-tuned student",
     }
     for k, name in names.items():
@@ -291,7 +293,8 @@ def main() -> None:
         "SSTL_PIPELINE_ID": pipeline,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
-    sets = [a for o in profile_overrides(folder, args.extra) for a in ("-S", o)]
+    overrides = profile_overrides(folder, args.extra)
+    sets = [a for o in overrides for a in ("-S", o)]
     start = time.perf_counter()
     subprocess.run(
         [sys.executable, "-m", "dvc", "exp", "run", "--temp", "--name", pipeline, *sets], cwd=ROOT, env=env, check=True
@@ -306,6 +309,7 @@ def main() -> None:
     }
     record["device"] = record["stages"].get("teacher", {}).get("device", "cpu")
     record["foreign"] = sorted(foreign)
+    record["student_method"] = next((o.split("=", 1)[1] for o in overrides if o.startswith("student.method=")), "noisy")
     record["extra"] = str(args.extra.relative_to(ROOT)) if args.extra.is_relative_to(ROOT) else str(args.extra)
     write_json(out_json, record)  # the pipeline's figures are kept even if the upper bound fails
     write_text(out_md, render(record))

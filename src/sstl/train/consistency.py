@@ -184,6 +184,46 @@ class Pool:
     chosen: torch.Tensor
 
 
+class Targets:
+    """The weak views' predictions made targets: aligned to the pool prior (ReMixMatch), masked by
+    FlexMatch's class-adaptive thresholds. What it keeps (each pool row's confident class, the running
+    mean prediction) is part of an epoch's resumable state."""
+
+    def __init__(self, cfg: ConsistencyConfig, prior: torch.Tensor, pool_size: int, runtime: Runtime) -> None:
+        self.cfg, self.runtime = cfg, runtime
+        self.prior = runtime.put(prior)  # (C,) the starting model's mean prediction over the pool
+        self.mean = self.prior.clone()  # (C,) running mean of recent weak predictions
+        self.learnt = torch.full((pool_size,), -1, dtype=torch.int64)  # each pool row's confident class, or -1
+
+    def __call__(self, weak_logits: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C) logits of pool `rows`' weak views -> (hard targets (B,), mask (B,) of 0/1)."""
+        cfg = self.cfg
+        p = weak_logits.detach().softmax(1)
+        if cfg.align:  # towards the prior, away from what the model over-predicts lately
+            self.mean.mul_(DA_MOMENTUM).add_(p.mean(0), alpha=1 - DA_MOMENTUM)
+            p = p * self.prior / self.mean
+            p = p / p.sum(1, keepdim=True)
+        conf, guess = p.max(1)
+        tau = torch.full_like(self.prior, cfg.threshold)
+        if cfg.flex:
+            sure = conf.cpu() >= cfg.threshold
+            self.learnt[rows[sure]] = guess.cpu()[sure]
+            n = len(self.learnt)
+            effect = torch.bincount(self.learnt[self.learnt >= 0], minlength=len(tau)).float()
+            unused = float((self.learnt < 0).sum())
+            if cfg.flex_prior:  # per class: the share of its expected photos learnt, not their count
+                effect, unused = effect / (self.prior.cpu() * n).clamp(min=1.0), unused / n
+            beta = effect / max(float(effect.max()), unused, 1e-12)  # 0 for all while nothing is confident
+            tau = tau * self.runtime.put(beta / (2 - beta))  # FlexMatch's convex mapping
+        return guess, (conf >= tau[guess]).float()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"learnt": self.learnt.clone(), "mean": self.mean.cpu().clone()}
+
+    def load_state_dict(self, saved: dict[str, torch.Tensor]) -> None:
+        self.learnt, self.mean = saved["learnt"].clone(), self.runtime.put(saved["mean"].clone())
+
+
 def fit_consistency(
     model: Classifier,
     train: ImageSet,
@@ -218,8 +258,7 @@ def fit_consistency(
     lab_v = views(split, train.images, runtime=runtime, flip=flip, desc="labelled views")
     val_v = views(split, val.images, runtime=runtime, flip=False, desc="val views")[0]
     net = Top(split)
-    c = setup.num_classes
-    prior = _mean_prediction(net, pool_v[0], runtime, c)
+    prior = _mean_prediction(net, pool_v[0], runtime, setup.num_classes)
     generator = torch.Generator().manual_seed(setup.seed)
     saver = Saver(state, generator, None, _fingerprint(model, train, val, cfg, setup, pool, ccfg) if state else "")
     set_trainable(model, cfg.unfreeze_blocks)
@@ -240,8 +279,8 @@ def fit_consistency(
     steps = math.ceil(len(pool.images) / u)
     total = cfg.epochs * steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: math.cos(7 * math.pi * t / (16 * total)))
-    learnt = torch.full((len(pool.images),), -1, dtype=torch.int64)  # FlexMatch: each row's confident class
-    mean_p = prior.clone()
+    targets = Targets(ccfg, prior, len(pool.images), runtime)
+    scaler = runtime.grad_scaler()  # fp16 on a GPU: the loss scaled; a no-op otherwise
     history: list[dict[str, float]] = []
     seen, start = 0, time.perf_counter()
     saved = saver.load(setup.desc, cfg.epochs)
@@ -249,12 +288,12 @@ def fit_consistency(
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        learnt, mean_p = saved["learnt"], saved["mean_p"]
+        scaler.load_state_dict(saved["scaler"])
+        targets.load_state_dict(saved["targets"])
         history, seen = list(saved["history"]), saved["seen"]
         start -= saved["seconds"]
         set_rng_state(saved["rng"][0], generator, None)
     resumed = len(history)
-    prior_d, mean_d = runtime.put(prior), runtime.put(mean_p)
     with tqdm(total=cfg.epochs, initial=resumed, desc=setup.desc, unit="epoch", disable=None) as bar:
         for epoch in range(resumed + 1, cfg.epochs + 1):
             t0 = time.perf_counter()
@@ -263,48 +302,31 @@ def fit_consistency(
             order = torch.randperm(len(pool.images), generator=generator)
             labelled = _cycle(len(train), cfg.batch_size * steps, generator)
             for s in range(steps):
-                ui = order[s * u : (s + 1) * u]
+                ui = order[s * u : (s + 1) * u]  # (U,) pool rows, (B,) labelled rows; each a random view
                 li = labelled[s * cfg.batch_size : (s + 1) * cfg.batch_size]
                 x_l = lab_v[torch.randint(weak, (len(li),), generator=generator), li]
                 x_w = pool_v[torch.randint(weak, (len(ui),), generator=generator), ui]
                 x_s = pool_v[weak + torch.randint(ccfg.strong_views, (len(ui),), generator=generator), ui]
-                with runtime.autocast():
+                with runtime.autocast():  # one pass over the three parts: BatchNorm sees them together
                     logits = net(runtime.put(torch.cat([x_l, x_w, x_s]))).float()
                 l_l, l_w, l_s = logits.split([len(li), len(ui), len(ui)])
                 y = runtime.put(train.labels[li])
-                p = l_w.detach().softmax(1)
-                if ccfg.align:  # towards the prior, away from what the model over-predicts lately
-                    mean_d.mul_(DA_MOMENTUM).add_(p.mean(0), alpha=1 - DA_MOMENTUM)
-                    p = p * prior_d / mean_d
-                    p = p / p.sum(1, keepdim=True)
-                conf, guess = p.max(1)
-                tau = torch.full((c,), ccfg.threshold, device=conf.device)
-                if ccfg.flex:
-                    sure = conf.cpu() >= ccfg.threshold
-                    learnt[ui[sure]] = guess.cpu()[sure]
-                    effect = torch.bincount(learnt[learnt >= 0], minlength=c).float()
-                    unused = float((learnt < 0).sum())
-                    if ccfg.flex_prior:  # per class: the share of its expected photos learnt, not their count
-                        effect, unused = effect / (prior * len(learnt)).clamp(min=1.0), unused / len(learnt)
-                    beta = effect / max(float(effect.max()), unused, 1e-12)
-                    tau = tau * runtime.put(beta / (2 - beta))
-                mask = (conf >= tau[guess]).float()
+                guess, mask = targets(l_w, ui)
                 loss_l = F.cross_entropy(l_l, y)
                 loss_u = (F.cross_entropy(l_s, guess, reduction="none") * mask).mean()
-                loss = loss_l + ccfg.weight * loss_u
-                loss_d = torch.zeros((), device=loss.device)
+                loss_d = torch.zeros((), device=loss_l.device)
                 chosen = pool.chosen[ui]
-                if ccfg.distill > 0 and bool(chosen.any()):
-                    target = runtime.put(pool.soft[ui[chosen]])
-                    loss_d = F.cross_entropy(l_s[runtime.put(chosen)], target)
-                    loss = loss + ccfg.distill * loss_d
+                if ccfg.distill > 0 and bool(chosen.any()):  # the teacher's soft pseudo-labels, where it made one
+                    loss_d = F.cross_entropy(l_s[runtime.put(chosen)], runtime.put(pool.soft[ui[chosen]]))
+                loss = loss_l + ccfg.weight * loss_u + ccfg.distill * loss_d
                 if not bool(torch.isfinite(loss)):
                     lr = optimizer.param_groups[0]["lr"]
                     where = f"at epoch {epoch}, batch {s + 1} (lr {lr:g})"
                     raise DivergedError(f"training diverged: loss {loss.item()} {where}: lower the lr")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
                 for key, value in (("loss", loss), ("labelled", loss_l), ("unlabelled", loss_u), ("distill", loss_d)):
                     sums[key] += float(value.detach())
@@ -325,8 +347,8 @@ def fit_consistency(
                 model=model.state_dict(),
                 optimizer=optimizer.state_dict(),
                 scheduler=scheduler.state_dict(),
-                learnt=learnt,
-                mean_p=mean_d.cpu(),
+                scaler=scaler.state_dict(),
+                targets=targets.state_dict(),
                 history=history,
                 seen=seen,
                 seconds=time.perf_counter() - start,
