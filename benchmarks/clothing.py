@@ -61,23 +61,39 @@ def unpack() -> None:
         tar.extractall(CACHE, filter="data")
 
 
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
+CLOTHING_SPLITS = (("test", "test"), ("validation", "test-add"))  # the source's folder -> the sstl split
+
+
+def photos_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES)
+
+
 def layout(
-    out: Path, per_class: int, seed: int, *, all_labels: bool = False, foreign: frozenset[str] = frozenset()
+    out: Path,
+    per_class: int,
+    seed: int,
+    *,
+    all_labels: bool = False,
+    foreign: frozenset[str] = frozenset(),
+    source: Path = CACHE,
+    splits: tuple[tuple[str, str], ...] = CLOTHING_SPLITS,
 ) -> dict[str, int]:
-    """The sstl folder: labeled/ (per_class seeded photos per class, or all of train/), unlabeled/, test/,
-    test-add/. `foreign` classes are left out of every labelled and evaluation split and their train
-    photos all go to the pool: unlabelled photos of no class the teacher knows."""
+    """The sstl folder from `source`'s train/<class>/ and its evaluation folders (`splits`): labeled/
+    (per_class seeded photos per class, or all of train/), unlabeled/, test/, test-add/. `foreign` classes
+    are left out of every labelled and evaluation split and their train photos all go to the pool:
+    unlabelled photos of no class the teacher knows."""
     rng = random.Random(seed)
-    counts = {"labeled": 0, "unlabeled": 0, "test": 0, "test-add": 0, "foreign_in_pool": 0}
+    counts = {"labeled": 0, "unlabeled": 0, "foreign_in_pool": 0} | {target: 0 for _, target in splits}
     if out.exists():
         subprocess.run(["rm", "-rf", str(out)], check=True)
     (out / "unlabeled").mkdir(parents=True)  # empty for the all-labels upper bound
-    for cls in sorted(p.name for p in (CACHE / "train").iterdir()):
-        photos = sorted((CACHE / "train" / cls).glob("*.jpg"))
+    for cls in sorted(p.name for p in (source / "train").iterdir()):
+        photos = photos_in(source / "train" / cls)
         rng.shuffle(photos)
         if cls in foreign:
             for src in photos:
-                _link(src, out / "unlabeled" / (hashlib.sha256(src.name.encode()).hexdigest()[:16] + ".jpg"))
+                _link(src, out / "unlabeled" / (hashlib.sha256(src.name.encode()).hexdigest()[:16] + src.suffix))
             counts["unlabeled"] += len(photos)
             counts["foreign_in_pool"] += len(photos)
             continue
@@ -88,17 +104,19 @@ def layout(
         # the all-labels folder's pool: a few of its labelled photos (prepare needs a pool; the upper bound
         # trains on labeled/ only)
         for src in photos[:3] if all_labels else photos[per_class:]:
-            neutral = hashlib.sha256(src.name.encode()).hexdigest()[:16] + ".jpg"  # no class in the name
+            neutral = hashlib.sha256(src.name.encode()).hexdigest()[:16] + src.suffix  # no class in the name
             _link(src, out / "unlabeled" / neutral)
             counts["unlabeled"] += 1
-        for split, target in (("test", "test"), ("validation", "test-add")):
-            for src in sorted((CACHE / split / cls).glob("*.jpg")):
+        for split, target in splits:
+            for src in photos_in(source / split / cls):
                 _link(src, out / target / cls / src.name)
                 counts[target] += 1
     return counts
 
 
 def _link(src: Path, dst: Path) -> None:
+    if dst.exists():  # two source photos under one neutral name: the layout would lose one silently
+        raise SystemExit(f"error: {dst} is laid out twice (from {src} too): rename one of the source photos")
     link(src, dst)
 
 
@@ -286,29 +304,11 @@ def main() -> None:
     folder = CACHE.parent / f"clothing-{args.labels_per_class}{'-ood' if foreign else ''}"
     counts = layout(folder, args.labels_per_class, seed=0, foreign=foreign)
     print(counts)
-    pipeline = f"clothing-{args.labels_per_class}-{uuid.uuid4().hex[:6]}"
-    uri = os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{ROOT / 'mlflow.db'}")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    env = os.environ | {
-        "SSTL_PIPELINE_ID": pipeline,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-    }
-    overrides = profile_overrides(folder, args.extra)
-    sets = [a for o in overrides for a in ("-S", o)]
-    start = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-m", "dvc", "exp", "run", "--temp", "--name", pipeline, *sets], cwd=ROOT, env=env, check=True
-    )
-    record = {
-        **stamp(),
-        "counts": counts,
-        "pipeline_seconds": round(time.perf_counter() - start, 1),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        **collect(pipeline),
-    }
-    record["device"] = record["stages"].get("teacher", {}).get("device", "cpu")
+    record = run_pipeline(folder, args.extra, label=f"clothing-{args.labels_per_class}")
+    record["counts"] = counts
+    record["torch"], record["timm"] = torch.__version__, timm.__version__
     record["foreign"] = sorted(foreign)
+    overrides = profile_overrides(folder, args.extra)
     record["student_method"] = next((o.split("=", 1)[1] for o in overrides if o.startswith("student.method=")), "noisy")
     record["extra"] = str(args.extra.relative_to(ROOT)) if args.extra.is_relative_to(ROOT) else str(args.extra)
     write_json(out_json, record)  # the pipeline's figures are kept even if the upper bound fails
@@ -317,6 +317,25 @@ def main() -> None:
         print(out_md.read_text())
     elif not args.skip_upper:
         add_upper_bound(record, args.extra)
+
+
+def run_pipeline(folder: Path, extra: Path, *, label: str) -> dict:
+    """`dvc exp run --temp` of the photo profile + `extra` on `folder`: stamp, wall time, per-stage figures."""
+    pipeline = f"{label}-{uuid.uuid4().hex[:6]}"
+    uri = os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{ROOT / 'mlflow.db'}")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    env = os.environ | {
+        "SSTL_PIPELINE_ID": pipeline,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    sets = [a for o in profile_overrides(folder, extra) for a in ("-S", o)]
+    start = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "run", "--temp", "--name", pipeline, *sets], cwd=ROOT, env=env, check=True
+    )
+    record = {**stamp(), "pipeline_seconds": round(time.perf_counter() - start, 1), **collect(pipeline)}
+    record["device"] = record["stages"].get("teacher", {}).get("device", "cpu")
+    return record
 
 
 def add_upper_bound(record: dict, extra: Path) -> None:
