@@ -143,7 +143,7 @@ MODELS = {
 
 def render(records: dict) -> str:
     def f(v: object) -> str:
-        return f"{v:.4f}" if isinstance(v, float) else "—"
+        return f"{v:.4f}" if isinstance(v, float) and v == v else "—"  # NaN: a split the set does not have
 
     lines = [
         "# Photo benchmark suite: the photo profile on public real-photo sets",
@@ -183,14 +183,16 @@ def render(records: dict) -> str:
             for split, shown in (("test", "test"), ("test_add", "test-add")):
                 best = max((m[k][split] for k in ("probe", "probe_student") if m.get(k, {}).get(split) is not None),
                            default=None)  # fmt: skip
-                if best is not None and m[use].get(split) is not None:
-                    gains.append(f"{(m[use][split] - best) * 100:+.1f} points over the best probe on {shown}")
+                if best is not None and best == best and m[use].get(split) is not None:
+                    gains.append(f"{(m[use][split] - best) * 100:+.1f} points against the best probe on {shown}")
             if "teacher" in m:
-                gains.append(f"{(m[use]['test'] - m['teacher']['test']) * 100:+.1f} over the teacher on test")
+                gains.append(f"{(m[use]['test'] - m['teacher']['test']) * 100:+.1f} against the teacher on test")
             lines += ["", f"The model to use ({use}): {'; '.join(gains)}."]
         peak = max(s["peak_rss_mb"] for s in r["stages"].values())
         lines.append(f"Whole pipeline: {r['pipeline_seconds'] / 60:.1f} min wall, peak RSS {peak} MB (stage by stage: "
                      f"the JSON twin).")  # fmt: skip
+        if r.get("note"):  # how the run went, where it bears on its figures (written by hand into the JSON)
+            lines.append(f"Note: {r['note']}")
     return "\n".join(lines) + "\n"
 
 
