@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import urllib.request
@@ -18,20 +17,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog", "fox"]  # the classes of the `checkpoint` fixture
 T = TypeVar("T")
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    """Under pytest-xdist, each worker and the processes it starts (DVC stages, servers) share the cores
-    out: N workers on C cores, C // N threads each. Two workers of two threads each on 2 cores made the
-    e2e project's first `dvc repro` 4x slower than alone (415 s against 100 s)."""
-    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
-    if not workers:
-        return
-    threads = str(max(1, (os.cpu_count() or 1) // int(workers)))
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ.setdefault(name, threads)  # read when torch and numpy load: in this worker and its children
-    if "torch" in sys.modules:  # a plugin imported it first
-        sys.modules["torch"].set_num_threads(int(threads))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
