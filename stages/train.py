@@ -4,13 +4,14 @@
         --tuned reports/tune/best_params.json --model models/teacher.pt --curve reports/curves/teacher.csv
     python stages/train.py student --data data/prepared --pretrain models/pretrain.pt
         --labels data/pseudolabels/<TEACHER>.csv --probs data/pseudolabels/<TEACHER>.npy
-        --model models/<STUDENT>.pt --curve reports/curves/<STUDENT>.csv
+        --model models/<STUDENT>.pt --curve reports/curves/<STUDENT>.csv --ood reports/ood/<STUDENT>.csv
     python stages/train.py finetune --data data/prepared --init models/<LAST STUDENT>.pt
         --model models/finetuned.pt --curve reports/curves/finetuned.csv
 
 teacher: transfer learning on the labelled set with the tuned hyperparameters. student: a network on
 labelled + pseudo-labelled images under strong augmentation (<STUDENT> names its round in params.yaml's
-`rounds`). finetune: the last round's student on the clean labelled set at a small learning rate.
+`rounds`; the consistency student's screen lists the pool photos it found of no known class in --ood).
+finetune: the last round's student on the clean labelled set at a small learning rate.
 Under torchrun (`torchrun --nproc_per_node N stages/train.py ...`) every process trains on its share
 of each batch (DDP) and rank 0 writes the model and logs to MLflow.
 """
@@ -28,7 +29,9 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     roles = top.add_subparsers(dest="role", required=True)
     add_paths(roles.add_parser("teacher"), inputs=["data", "pretrain", "tuned"], outputs=["model", "curve"])
-    add_paths(roles.add_parser("student"), inputs=["data", "pretrain", "labels", "probs"], outputs=["model", "curve"])
+    add_paths(
+        roles.add_parser("student"), inputs=["data", "pretrain", "labels", "probs"], outputs=["model", "curve", "ood"]
+    )
     add_paths(roles.add_parser("finetune"), inputs=["data", "init"], outputs=["model", "curve"])
     return top
 

@@ -116,10 +116,14 @@ def _labelled_only_and_consistency(digits: dict[str, ImageSet], pool: ImageSet) 
     return accuracy
 
 
-def test_a_killed_consistency_run_resumes_to_the_same_bytes(digits: dict[str, ImageSet], tmp_path: Path) -> None:
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_a_killed_consistency_run_resumes_to_the_same_bytes(
+    digits: dict[str, ImageSet], tmp_path: Path, ema: float
+) -> None:
+    # with `ema` the running average is state too: resumed without it, the kept model would differ
     pool = _pool(digits["unlabeled"].subset(torch.arange(192)), 10)
     cfg = TrainConfig(epochs=3, lr=3e-3, finetune_lr=1e-3, unfreeze_blocks=1, batch_size=16)
-    ccfg = ConsistencyConfig(flip=False, strong_views=1, probe_head=False)
+    ccfg = ConsistencyConfig(flip=False, strong_views=1, probe_head=False, ema=ema)
 
     def run(state: Path | None, stop_after: int | None = None) -> str:
         model = build_model(ModelConfig(arch="convnet_s", weights="none", head_layers=0), 10, seed=0)

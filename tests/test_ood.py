@@ -1,5 +1,6 @@
 """Unlabelled photos of no class: planted foreign photos in a pool of digits are dropped from the
-pseudo-labels and listed, the digits kept; and the nearest-neighbour rule itself."""
+pseudo-labels and listed, the digits kept; the consistency student's screen drops and lists them too
+and trains on the rest only; and the nearest-neighbour rule itself."""
 
 from __future__ import annotations
 
@@ -13,14 +14,21 @@ from sklearn.datasets import load_sample_images
 
 from sstl.config.model import ModelConfig
 from sstl.config.pseudo import SelectConfig
+from sstl.config.train import AugmentConfig, ConsistencyConfig, TrainConfig
+from sstl.core.errors import SstlError
+from sstl.core.files import read_csv
 from sstl.data.dataset import load_split
 from sstl.data.demo import write_demo
 from sstl.data.prepare import prepare_folder
+from sstl.data.transforms import augmenter
 from sstl.eval.probe import fit_probe
 from sstl.models.factory import create_model
 from sstl.pipeline.pseudolabel import pseudolabel
+from sstl.pipeline.train import build_model, ood_screen
 from sstl.pseudo.ood import in_distribution, nearest_similarity
 from sstl.runtime.device import CPU
+from sstl.train.consistency import Pool, fit_consistency
+from sstl.train.setup import FitSetup
 
 N_FOREIGN = 60
 
@@ -76,3 +84,36 @@ def test_foreign_photos_are_dropped_and_listed(planted: tuple[Path, set[str]]) -
     assert kept.isdisjoint(dropped) and kept | dropped == {r["path"] for r in plain.rows}
     assert len(out.probs) == len(out.rows) and sum(c["count"] for c in out.counts) == len(out.rows)
     assert all(r["similarity"] < r["threshold"] for r in out.ood)
+
+
+def test_the_consistency_students_screen_drops_foreign_photos_and_trains_on_the_rest(
+    planted: tuple[Path, set[str]], tmp_path: Path
+) -> None:
+    prepared, foreign = planted
+    labeled, val, pool = (load_split(prepared, s) for s in ("labeled", "val", "unlabeled"))
+    out, logged = tmp_path / "ood.csv", []
+    cfg = TrainConfig(epochs=1, lr=3e-3, finetune_lr=1e-3, unfreeze_blocks=1, batch_size=16)
+    ccfg = ConsistencyConfig(flip=False, strong_views=1, probe_head=False, ood_quantile=0.05)
+
+    def fit(screen: object) -> int:
+        model = build_model(ModelConfig(arch="tf_efficientnet_lite0", weights="imagenet", head_layers=0), 10, seed=0)
+        setup = FitSetup(num_classes=10, seed=0, runtime=CPU, augment=augmenter(AugmentConfig(hflip=False), 64, 0))
+        where = Pool(
+            images=pool, soft=torch.zeros(len(pool), 10), chosen=torch.zeros(len(pool), dtype=torch.bool),
+            screen=screen,  # type: ignore[arg-type]
+        )  # fmt: skip
+        return fit_consistency(model, labeled, val, cfg, setup, pool=where, consistency=ccfg).images_seen
+
+    screened = fit(ood_screen(0.05, manifest=prepared / "manifest.csv", out=out, log=logged.append))
+    dropped = {r["path"] for r in read_csv(out)}
+    digits = len(pool) - N_FOREIGN
+    assert len(dropped & foreign) >= 0.9 * N_FOREIGN, f"{len(dropped & foreign)} of {N_FOREIGN} foreign photos dropped"
+    assert len(dropped - foreign) <= 0.15 * digits, f"{len(dropped - foreign)} of {digits} digits dropped"
+    assert logged == [
+        {"n_ood_dropped": len(dropped), "ood_threshold": pytest.approx(float(read_csv(out)[0]["threshold"]))}
+    ]
+    # the loss sees the kept photos only: an epoch is as many steps as they fill (32 pool photos a step)
+    steps = -(-(len(pool) - len(dropped)) // 32)
+    assert screened == steps * (16 + 2 * 32)
+    with pytest.raises(SstlError, match="every unlabelled photo was screened out"):
+        fit(lambda p, _lab, _val: torch.zeros(len(p), dtype=torch.bool))

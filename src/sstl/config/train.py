@@ -128,6 +128,21 @@ class ConsistencyConfig(BaseModel):
     probe_head: bool = Field(
         True, description="start the head at the frozen-feature probe (C by CV), not at random (linear heads)"
     )
+    ema: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="mean teacher: the weak views' targets come from, and the model kept is, a running average of "
+        "the trained weights with this decay per step (0: the trained weights themselves)",
+    )
+    ood_quantile: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="screen the pool before training: a photo whose nearest labelled photo (the starting backbone's "
+        "features) is further than for this share of val is of no known class and never enters the loss; listed "
+        "in reports/ood/<student>.csv. null: every photo trains",
+    )
 
 
 # airbench's CIFAR-10 recipe (flip + 2 px translation at 32 px): light, and all of it batched

@@ -28,11 +28,12 @@ from sstl.models.classifier import Classifier
 from sstl.models.factory import create_model
 from sstl.models.weights import resolve_weights
 from sstl.params import Params, TeacherParams
-from sstl.pipeline.pseudolabel import pseudo_targets
+from sstl.pipeline.pseudolabel import pseudo_targets, split_paths
+from sstl.pseudo.ood import in_distribution
 from sstl.runtime.device import Runtime
 from sstl.runtime.distributed import distributed, world
 from sstl.track import tracking
-from sstl.train.consistency import Pool, fit_consistency
+from sstl.train.consistency import Pool, Screen, fit_consistency
 from sstl.train.loop import FitResult, fit, seed_everything
 from sstl.train.resume import drop_state
 from sstl.train.setup import FitSetup
@@ -204,6 +205,8 @@ def student_plan(p: Params, args: argparse.Namespace, *, labeled: ImageSet, clas
         feature_cache=FEATURES,
         metrics={"n_labeled": len(labeled), "n_pseudo": len(pseudo)},
     )
+    quantile = p.student.consistency.ood_quantile if p.student.method == "fixmatch" else None
+    write_csv(args.ood, [], OOD_FIELDS)  # the screen, when on, lists what it drops here
     if p.student.method == "fixmatch":
         chosen = torch.zeros(len(pool), dtype=torch.bool)
         index = torch.tensor([int(r["index"]) for r in rows], dtype=torch.int64)
@@ -212,7 +215,14 @@ def student_plan(p: Params, args: argparse.Namespace, *, labeled: ImageSet, clas
         head = functools.partial(_probe_head, p, labeled, len(classes)) if p.student.consistency.probe_head else None
         fitter = functools.partial(
             fit_consistency,
-            pool=Pool(images=pool, soft=targets, chosen=chosen),
+            pool=Pool(
+                images=pool,
+                soft=targets,
+                chosen=chosen,
+                screen=None
+                if quantile is None
+                else ood_screen(quantile, manifest=args.data / "manifest.csv", out=args.ood),
+            ),
             consistency=p.student.consistency,
             head_init=head,
         )
@@ -223,6 +233,29 @@ def student_plan(p: Params, args: argparse.Namespace, *, labeled: ImageSet, clas
         train=ImageSet.concat(labeled, pseudo),
         targets=torch.cat([hard, soft]) if p.student.pseudo_targets == "soft" else None,
     )
+
+
+OOD_FIELDS = ("index", "path", "similarity", "threshold")
+
+
+def ood_screen(
+    quantile: float, *, manifest: Path, out: Path, log: Callable[[dict[str, float]], None] = tracking.log_metrics
+) -> Screen:
+    """The consistency student's pool screen: sstl.pseudo.ood on its starting backbone's features (the
+    frozen ImageNet one), calibrated on val. The photos it drops are listed in `out`, their count `log`ged."""
+
+    def screen(pool: torch.Tensor, labelled: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
+        keep, sims, cut = in_distribution(pool, labelled, val, quantile=quantile)
+        dropped = (~keep).nonzero().flatten().tolist()
+        paths = split_paths(manifest, "unlabeled", set(dropped))
+        rows = [{"index": i, "path": paths[i], "similarity": round(float(sims[i]), 6), "threshold": round(cut, 6)}
+                for i in dropped]  # fmt: skip
+        write_csv(out, rows, OOD_FIELDS)
+        log({"n_ood_dropped": len(rows), "ood_threshold": cut})
+        print(f"ood screen: {len(rows)} of {len(keep)} unlabelled photos of no known class -> {out}")
+        return keep
+
+    return screen
 
 
 def _probe_head(p: Params, labeled: ImageSet, num_classes: int, model: Classifier, runtime: Runtime) -> None:

@@ -16,12 +16,16 @@ One step, B labelled rows and mu*B unlabelled ones, one forward pass over all th
   threshold starts low and rises as the class is learnt.
 Alignment (ReMixMatch): q = p * prior / mean(p), renormalised; prior is the starting model's mean
 prediction over the pool (the probe head's, when `probe_head`), mean(p) a running mean of recent batches.
+With `ema` (mean teacher), q comes from a running average of the trained weights, updated every step,
+and that average is the model kept: targets that drift less, an end point that is a mean of the last
+steps rather than the last one.
 The LR decays as cos(7 pi t / 16 T) over the T steps (FixMatch); the last weights are kept: a val set of
 a few dozen photos cannot pick an epoch.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import time
@@ -174,14 +178,21 @@ def views(
     return out
 
 
+Screen = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 @dataclass(frozen=True, kw_only=True)
 class Pool:
     """The unlabelled photos the consistency loss trains on, and the teacher's soft targets of those the
-    pseudolabel stage selected (`soft` (N, C); `chosen` (N,) bool marks them)."""
+    pseudolabel stage selected (`soft` (N, C); `chosen` (N,) bool marks them).
+
+    `screen`: the starting backbone's pooled features of the pool (N, D), the labelled rows and val ->
+    (N,) bool, the pool photos of a known class; the others never enter the loss (None: all do)."""
 
     images: ImageSet
     soft: torch.Tensor
     chosen: torch.Tensor
+    screen: Screen | None = None
 
 
 class Targets:
@@ -196,7 +207,8 @@ class Targets:
         self.learnt = torch.full((pool_size,), -1, dtype=torch.int64)  # each pool row's confident class, or -1
 
     def __call__(self, weak_logits: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, C) logits of pool `rows`' weak views -> (hard targets (B,), mask (B,) of 0/1)."""
+        """(B, C) logits of the weak views of `rows` (positions in the screened pool) -> (hard targets (B,),
+        mask (B,) of 0/1)."""
         cfg = self.cfg
         p = weak_logits.detach().softmax(1)
         if cfg.align:  # towards the prior, away from what the model over-predicts lately
@@ -258,12 +270,24 @@ def fit_consistency(
     lab_v = views(split, train.images, runtime=runtime, flip=flip, desc="labelled views")
     val_v = views(split, val.images, runtime=runtime, flip=False, desc="val views")[0]
     net = Top(split)
-    prior = _mean_prediction(net, pool_v[0], runtime, setup.num_classes)
+    kept = torch.arange(len(pool.images))  # (K,) the pool rows the loss sees: all, or those screened in
+    if pool.screen is not None:
+        feats = [_features(net, acts, runtime) for acts in (pool_v[0], lab_v[0], val_v)]
+        kept = pool.screen(*feats).nonzero().flatten()
+        if not len(kept):
+            raise SstlError("every unlabelled photo was screened out as of no known class: lower ood_quantile")
+    prior = _mean_prediction(net, pool_v[0][kept], runtime, setup.num_classes)
     generator = torch.Generator().manual_seed(setup.seed)
     saver = Saver(state, generator, None, _fingerprint(model, train, val, cfg, setup, pool, ccfg) if state else "")
     set_trainable(model, cfg.unfreeze_blocks)
     head = {id(p) for p in model.head.parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
+    twin, averaged, judge = None, list[torch.Tensor](), net  # judge: the network that makes the targets and is kept
+    if ccfg.ema > 0:  # mean teacher: a running average of the trained weights
+        twin = copy.deepcopy(model).requires_grad_(False).eval()
+        averaged = [q for q, p in zip(twin.parameters(), model.parameters(), strict=True) if p.requires_grad]
+        judge = Top(Split(twin, cfg.unfreeze_blocks))
+        judge.split._side = split._side
     groups = [
         {"params": [p for p in trainable if id(p) not in head], "lr": cfg.finetune_lr},
         {"params": [p for p in trainable if id(p) in head], "lr": cfg.lr},
@@ -276,10 +300,10 @@ def fit_consistency(
     else:
         optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     u = ccfg.unlabeled_ratio * cfg.batch_size
-    steps = math.ceil(len(pool.images) / u)
+    steps = math.ceil(len(kept) / u)
     total = cfg.epochs * steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: math.cos(7 * math.pi * t / (16 * total)))
-    targets = Targets(ccfg, prior, len(pool.images), runtime)
+    targets = Targets(ccfg, prior, len(kept), runtime)
     scaler = runtime.grad_scaler()  # fp16 on a GPU: the loss scaled; a no-op otherwise
     history: list[dict[str, float]] = []
     seen, start = 0, time.perf_counter()
@@ -290,6 +314,8 @@ def fit_consistency(
         scheduler.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
         targets.load_state_dict(saved["targets"])
+        if twin is not None:
+            twin.load_state_dict(saved["ema"])
         history, seen = list(saved["history"]), saved["seen"]
         start -= saved["seconds"]
         set_rng_state(saved["rng"][0], generator, None)
@@ -299,19 +325,25 @@ def fit_consistency(
             t0 = time.perf_counter()
             train_mode(model, cfg.unfreeze_blocks, freeze_bn=cfg.freeze_bn)
             sums = dict.fromkeys(("loss", "labelled", "unlabelled", "distill", "mask", "correct"), 0.0)
-            order = torch.randperm(len(pool.images), generator=generator)
+            order = torch.randperm(len(kept), generator=generator)
             labelled = _cycle(len(train), cfg.batch_size * steps, generator)
             for s in range(steps):
-                ui = order[s * u : (s + 1) * u]  # (U,) pool rows, (B,) labelled rows; each a random view
+                at = order[s * u : (s + 1) * u]  # (U,) positions in `kept`, (B,) labelled rows; each a random view
+                ui = kept[at]  # (U,) pool rows
                 li = labelled[s * cfg.batch_size : (s + 1) * cfg.batch_size]
                 x_l = lab_v[torch.randint(weak, (len(li),), generator=generator), li]
                 x_w = pool_v[torch.randint(weak, (len(ui),), generator=generator), ui]
                 x_s = pool_v[weak + torch.randint(ccfg.strong_views, (len(ui),), generator=generator), ui]
                 with runtime.autocast():  # one pass over the three parts: BatchNorm sees them together
-                    logits = net(runtime.put(torch.cat([x_l, x_w, x_s]))).float()
-                l_l, l_w, l_s = logits.split([len(li), len(ui), len(ui)])
+                    if twin is None:
+                        logits = net(runtime.put(torch.cat([x_l, x_w, x_s]))).float()
+                        l_l, l_w, l_s = logits.split([len(li), len(ui), len(ui)])
+                    else:  # the weak views' targets from the average, no gradient
+                        l_l, l_s = net(runtime.put(torch.cat([x_l, x_s]))).float().split([len(li), len(ui)])
+                        with torch.no_grad():
+                            l_w = judge(runtime.put(x_w)).float()
                 y = runtime.put(train.labels[li])
-                guess, mask = targets(l_w, ui)
+                guess, mask = targets(l_w, at)
                 loss_l = F.cross_entropy(l_l, y)
                 loss_u = (F.cross_entropy(l_s, guess, reduction="none") * mask).mean()
                 loss_d = torch.zeros((), device=loss_l.device)
@@ -328,6 +360,11 @@ def fit_consistency(
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
+                if twin is not None:
+                    with torch.no_grad():
+                        torch._foreach_lerp_(averaged, [p.detach() for p in trainable], 1 - ccfg.ema)
+                        for twin_buffer, live in zip(twin.buffers(), model.buffers(), strict=True):
+                            twin_buffer.copy_(live)  # BatchNorm statistics: the trained network's
                 for key, value in (("loss", loss), ("labelled", loss_l), ("unlabelled", loss_u), ("distill", loss_d)):
                     sums[key] += float(value.detach())
                 sums["mask"] += float(mask.mean())
@@ -336,7 +373,7 @@ def fit_consistency(
             row |= {"train_loss": sums["loss"] / steps, "train_acc": sums["correct"] / steps}
             row |= {f"{k}_loss": sums[k] / steps for k in ("labelled", "unlabelled", "distill")}
             row["mask_rate"] = sums["mask"] / steps
-            row |= _evaluate(net, val_v, val.labels, runtime)
+            row |= _evaluate(judge, val_v, val.labels, runtime)
             row |= {"epoch": epoch, "seconds": time.perf_counter() - t0}
             seen += steps * (cfg.batch_size + 2 * u)
             history.append(row)
@@ -349,10 +386,13 @@ def fit_consistency(
                 scheduler=scheduler.state_dict(),
                 scaler=scaler.state_dict(),
                 targets=targets.state_dict(),
+                ema=None if twin is None else twin.state_dict(),
                 history=history,
                 seen=seen,
                 seconds=time.perf_counter() - start,
             )
+    if twin is not None:  # the average is the model kept
+        model.load_state_dict(twin.state_dict())
     final = _evaluate(net, val_v, val.labels, runtime)
     if not keep_state:
         saver.drop()
@@ -387,6 +427,17 @@ def _mean_prediction(net: Top, acts: torch.Tensor, runtime: Runtime, c: int) -> 
         with runtime.autocast():
             total += net(runtime.put(chunk)).float().softmax(1).sum(0).cpu()
     return total / len(acts)
+
+
+@torch.inference_mode()
+def _features(net: Top, acts: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    """Activations at the cut (N, ...) -> the pooled backbone features (N, D) float32, as it starts."""
+    net.model.eval()
+    out = []
+    for chunk in acts.split(256):
+        with runtime.autocast():
+            out.append(net.split.pooled(runtime.put(chunk)).float().cpu())
+    return torch.cat(out)
 
 
 @torch.inference_mode()
