@@ -139,11 +139,11 @@ def run_set(name: str, spec: PhotoSet, *, upper_bound: dict | None = None) -> di
 
 
 MODELS = {
-    "probe": "baseline: frozen Lite0 + logistic regression (the teacher's labels, C by 5-fold CV)",
+    "probe": "baseline: frozen Lite0 + logistic regression (every label, C by 5-fold CV)",
     "probe_student": "baseline: frozen Lite2 + logistic regression (same labels and CV)",
-    "teacher": "teacher (Lite0, fine-tuned on the labels)",
-    "student": "student (Lite2, consistency on the whole pool)",
-    "finetuned": "fine-tuned student",
+    "teacher": "teacher (Lite0, fine-tuned on three quarters of the labels, its epochs chosen on the rest)",
+    "student": "student (Lite2, consistency on the whole pool, every label)",
+    "finetuned": "fine-tuned student (every label)",
 }
 
 
@@ -154,8 +154,9 @@ def render(records: dict) -> str:
     lines = [
         "# Photo benchmark suite: the photo profile on public real-photo sets",
         "",
-        "`python benchmarks/photos.py`: per set, 20 labelled photos per class (a quarter held out as val), the "
-        "rest of train/ unlabelled; the photo profile as `sstl profile photos` writes it, precision bf16 where "
+        "`python benchmarks/photos.py`: per set, 20 labelled photos per class (a quarter held out as val to "
+        "choose the teacher's epochs, then every label trains: `data.refit`), the rest of train/ unlabelled; "
+        "the photo profile as `sstl profile photos` writes it, precision bf16 where "
         "native; no per-set override. Accuracy on each set's test/ (and test-add where it has one).",
     ]
     for name, r in records.items():

@@ -57,7 +57,7 @@ def main() -> None:
                 baseline[name] = {
                     "arch": payload["model"]["arch"],
                     "weights": payload["model"]["weights"],
-                    **{k: payload["probe"][k] for k in ("C", "folds", "rows")},
+                    **{k: payload["probe"][k] for k in ("C", "folds", "rows", "splits")},
                 }
             else:
                 checkpoints[name] = {k: v for k, v in payload.items() if k != "state_dict"}
@@ -84,15 +84,20 @@ def main() -> None:
                 write_csv(args.confusion / f"{name}-{split}.csv", rows)
                 confusion.setdefault(name, {})[split] = rows
                 reliability.setdefault(name, {})[split] = r["reliability"]
-        use = health.recommend(val_correct, order=list(models))  # the one model to use: summary, card, registry
+        if p.data.refit:  # val is in the students' training rows: it cannot judge them
+            use, rule = list(models)[-1], health.REFIT_RULE
+        else:  # the one model to use: summary, card, registry
+            use, rule = health.recommend(val_correct, order=list(models)), health.RULE
         accuracy = {m: {s: r["accuracy"] for s, r in per_split.items()} for m, per_split in metrics.items()}
         for m, a in {**val_acc, **probe_val}.items():
             accuracy.setdefault(m, {})["val"] = a
         warnings = health.check_models(val_acc, collapses, order=list(models))
-        warnings += health.below_baseline(accuracy, use, list(probes))
+        held_out = [s for s in SPLITS if s != "val"] if p.data.refit else SPLITS
+        warnings += health.below_baseline(accuracy, use, list(probes), splits=held_out)
         verdict = {
             "val_accuracy": val_acc,
             "use": use,
+            "rule": rule,
             "baseline": baseline,
             "warnings": warnings,
             "absent_splits": absent,

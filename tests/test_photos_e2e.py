@@ -110,12 +110,17 @@ def test_photo_profile_trains_on_real_photos_with_imagenet_weights(
     # the baseline on both backbones: frozen ImageNet Lite0 and Lite2 with a logistic regression
     assert list(metrics)[:2] == ["probe", "probe_student"], list(metrics)
     assert all(metrics[p]["test"]["accuracy"] >= chance + 0.25 for p in ("probe", "probe_student")), metrics
-    baseline = json.loads((repo / "reports/health.json").read_text())["baseline"]
+    baseline = json.loads((repo / "reports/health.json").read_text())["baseline"]  # the frozen-feature probes
     assert [baseline[p]["arch"] for p in ("probe", "probe_student")] == [
         "tf_efficientnet_lite0",
         "tf_efficientnet_lite2",
     ]
-    assert all(b["weights"] == "imagenet" and b["rows"] == 3 * 6 for b in baseline.values()), baseline
+    # every label counts (the profile's data.refit): the probes fit on all 8 labelled photos of each class,
+    # 6 labeled + 2 held out as val, as the students do; val, in their training, no longer chooses the model
+    assert all(b["weights"] == "imagenet" and b["rows"] == 3 * 8 for b in baseline.values()), baseline
+    assert all(b["splits"] == ["labeled", "val"] for b in baseline.values()), baseline
+    health = json.loads((repo / "reports/health.json").read_text())
+    assert health["use"] == "finetuned" and health["rule"].startswith("data.refit"), health
     # the folder has no test-add/: the split is left out and named, never NaN accuracy
     assert all(set(per_split) == {"test"} for per_split in metrics.values()), metrics
     assert "left out: test-add" in (repo / "reports/summary.md").read_text()

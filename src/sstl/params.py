@@ -46,6 +46,11 @@ class DataParams(Strict):
         "auto", description="resampling when packing; auto = the teacher backbone's (timm data config)"
     )
     val_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="share of labeled moved to val when no val/")
+    refit: bool = Field(
+        False,
+        description="every label counts: val chooses (tune's trials, the teacher's epochs), then the probes, "
+        "students and finetune train on labeled + val, and the model to use is the fine-tuned student",
+    )
     neardup: NearDupConfig = NearDupConfig(enabled=False)
     test_add_corruptions: CorruptConfig | None = Field(
         None, description="build test-add from test under seeded corruptions (folder without test-add/)"

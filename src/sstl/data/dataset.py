@@ -66,6 +66,13 @@ def load_split(prepared: Path, split: str, *, lazy: bool = False) -> ImageSet:
     return ImageSet(images, labels.reshape(-1), [r["path"] for r in rows])
 
 
+def load_labelled(prepared: Path, *, refit: bool = False) -> ImageSet:
+    """The labelled rows a model trains on: labeled, and with `refit` val's rows after them (`data.refit`:
+    once val has chosen what it chooses, every label trains)."""
+    labeled = load_split(prepared, "labeled")
+    return ImageSet.concat(labeled, load_split(prepared, "val")) if refit else labeled
+
+
 def load_classes(prepared: Path) -> list[str]:
     path = Path(prepared) / "classes.json"
     if not path.is_file():

@@ -1,6 +1,7 @@
 """Runs that go wrong quietly, made loud: a collapsed model, a pretext at chance, a student below its
 teacher, a model to use that does not beat the frozen-feature baseline. Which model to use is chosen on
-val, never test; the baseline check also reports test and test-add, for it changes no choice.
+val, never test (with `data.refit`, by rule: the last model, for val is in its training); the baseline
+check also reports test and test-add, for it changes no choice.
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ from pathlib import Path
 
 import torch
 
+from sstl.eval.report import RULE as RULE  # `recommend`'s, in words: the summary's default
+
 COLLAPSE_SHARE = 0.9  # one class taking >= 90% of val predictions, where the truth is far more even
 ORDER = ("teacher", "student", "finetuned")  # one round; each should do at least as well on val as the one before
 SPLITS = ("val", "test", "test-add")
 ALPHA = 0.05  # a model is beaten on val when the sign test says so at this level
+REFIT_RULE = "data.refit: the fine-tuned student, trained on every label; val is in its training and cannot judge it"
 
 
 def collapse(predictions: Sequence[int], labels: torch.Tensor, classes: Sequence[str]) -> str | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 COLUMNS = ("accuracy", "macro_f1", "ece")
+RULE = "the latest model no other beats on val beyond chance, sign test p < 0.05"  # sstl.eval.health.recommend
 
 
 def summary_markdown(metrics: dict[str, dict[str, dict[str, float]]], health: dict[str, Any] | None = None) -> str:
@@ -21,7 +22,7 @@ def summary_markdown(metrics: dict[str, dict[str, dict[str, float]]], health: di
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     if health:
         val = ", ".join(f"{m} {a:.4f}" for m, a in health.get("val_accuracy", {}).items())
-        rule = "the latest model no other beats on val beyond chance, sign test p < 0.05"
+        rule = health.get("rule", RULE)
         lines += ["", f"**Use: {health['use']}** ({rule}; val accuracy: {val}; test is never used to choose)."]
         lines += [f"- baseline: {baseline_line(name, b)}" for name, b in health.get("baseline", {}).items()]
         lines += [f"- left out: {s} (no images in this split)" for s in health.get("absent_splits", [])]
@@ -36,8 +37,9 @@ def baseline_line(name: str, probe: dict[str, Any]) -> str:
         if probe.get("folds")
         else "fixed (too few labels to cross-validate)"
     )
+    splits = " + ".join(probe.get("splits", ["labeled"]))
     return (
-        f"{name} = frozen {probe['arch']} (weights: {probe['weights']}) + logistic regression on the teacher's "
-        f"{probe['rows']} labelled rows, C={probe['C']:g} {how}; val accuracy "
+        f"{name} = frozen {probe['arch']} (weights: {probe['weights']}) + logistic regression on "
+        f"{probe['rows']} labelled rows ({splits}), C={probe['C']:g} {how}; val accuracy "
         f"{probe.get('val_accuracy', float('nan')):.4f}"
     )

@@ -1,4 +1,4 @@
-"""The probe stage's story: which backbones to probe, fitting each on the teacher's labelled rows, and
+"""The probe stage's story: which backbones to probe, fitting each on the labelled rows the models learn from, and
 the files it writes (one checkpoint per backbone, one report)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 
 from sstl.config.model import ModelConfig
 from sstl.core.files import atomic_folder, write_json
-from sstl.data.dataset import load_classes, load_packing, load_split
+from sstl.data.dataset import load_classes, load_labelled, load_packing
 from sstl.eval.probe import fit_probe
 from sstl.models.checkpoint import save_checkpoint
 from sstl.models.factory import create_model
@@ -36,11 +36,11 @@ def backbones(p: Params, pretrain: Path) -> dict[str, ModelConfig]:
 
 
 def run_probes(p: Params, args: argparse.Namespace) -> dict[str, Any]:
-    """Fit every probe on the labelled rows the teacher trains on; write args.out/<name>.pt and the
-    report; the report's content."""
+    """Fit every probe on the labelled rows the model to use trains on (the teacher's; with `data.refit`
+    labeled + val, the students'); write args.out/<name>.pt and the report; the report's content."""
     report: dict[str, Any] = {"enabled": p.probe.enabled, "probes": {}}
     runtime = p.runtime("infer")
-    labeled = load_split(args.data, "labeled")  # the teacher's training rows (stages/train.py teacher)
+    labeled = load_labelled(args.data, refit=p.data.refit)  # as sstl.pipeline.train.run_training reads them
     classes = load_classes(args.data)
     packing = load_packing(args.data)
     with atomic_folder(args.out) as tmp:
@@ -66,7 +66,11 @@ def run_probes(p: Params, args: argparse.Namespace) -> dict[str, Any]:
                     runtime=runtime,
                     max_iter=p.probe.max_iter,
                 )
-                record = {"arch": cfg.arch, "weights": cfg.weights, **choice.as_dict(), "paths": labeled.paths}
+                splits = ["labeled", "val"] if p.data.refit else ["labeled"]
+                record = {
+                    "arch": cfg.arch, "weights": cfg.weights, **choice.as_dict(), "splits": splits,
+                    "paths": labeled.paths,
+                }  # fmt: skip
                 save_checkpoint(
                     tmp / f"{name}.pt",
                     model.cpu(),

@@ -20,7 +20,7 @@ from torch.nn.functional import one_hot
 from sstl.config.model import ModelConfig
 from sstl.config.train import TrainConfig
 from sstl.core.files import check_writable, file_digest, read_csv, read_json, write_csv
-from sstl.data.dataset import ImageSet, load_classes, load_packing, load_split
+from sstl.data.dataset import ImageSet, load_classes, load_labelled, load_packing, load_split
 from sstl.data.transforms import Augmenter, augmenter
 from sstl.eval.probe import fit_probe
 from sstl.models.checkpoint import load_checkpoint, save_checkpoint
@@ -294,9 +294,12 @@ PLANS: dict[str, PlanFn] = {"teacher": teacher_plan, "student": student_plan, "f
 
 def run_training(plan: PlanFn, args: argparse.Namespace, p: Params) -> FitResult | None:
     """A training stage's story: read the labelled and val rows, build the plan, fit and save it under
-    one MLflow run; the result on rank 0 (None on the other torchrun processes)."""
+    one MLflow run; the result on rank 0 (None on the other torchrun processes).
+
+    With `data.refit` every stage after the teacher (whose epochs val chooses) trains on val's rows too."""
     runtime = p.runtime("train")
-    labeled, val = load_split(args.data, "labeled"), load_split(args.data, "val")
+    refit = p.data.refit and plan is not teacher_plan
+    labeled, val = load_labelled(args.data, refit=refit), load_split(args.data, "val")
     classes = load_classes(args.data)
     with distributed(runtime) as (rank, _):
         todo = plan(p, args, labeled=labeled, classes=classes)

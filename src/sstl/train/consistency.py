@@ -19,8 +19,8 @@ prediction over the pool (the probe head's, when `probe_head`), mean(p) a runnin
 With `ema` (mean teacher), q comes from a running average of the trained weights, updated every step,
 and that average is the model kept: targets that drift less, an end point that is a mean of the last
 steps rather than the last one.
-The LR decays as cos(7 pi t / 16 T) over the T steps (FixMatch); the last weights are kept: a val set of
-a few dozen photos cannot pick an epoch.
+The LR decays as cos(7 pi t / 16 T) over the T steps (FixMatch); the end point is kept (the last weights,
+or with `ema` their average): a val set of a few dozen photos cannot pick an epoch.
 """
 
 from __future__ import annotations
