@@ -22,12 +22,12 @@ SCHEDULE = TrainConfig(
 )
 
 
-def dark_vs_bright(n: int, seed: int) -> ImageSet:
-    """Class 0: dark noisy images; class 1: bright ones. Balanced, shuffled."""
+def dark_vs_bright(n: int, seed: int, size: int = SIZE) -> ImageSet:
+    """Class 0: dark noisy images; class 1: bright ones (`size` pixels square). Balanced, shuffled."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % 2
     labels = labels[torch.randperm(n, generator=g)]
-    low = torch.randint(0, 90, (n, SIZE, SIZE, 3), generator=g)
+    low = torch.randint(0, 90, (n, size, size, 3), generator=g)
     images = torch.where(labels.view(-1, 1, 1, 1) == 1, low + 165, low).to(torch.uint8)
     return ImageSet(images, labels.to(torch.int64), [f"img{i}.png" for i in range(n)])
 
