@@ -116,14 +116,15 @@ def _labelled_only_and_consistency(digits: dict[str, ImageSet], pool: ImageSet) 
     return accuracy
 
 
-@pytest.mark.parametrize("ema", [0.0, 0.9])
+@pytest.mark.parametrize(("ema", "pseudo_head"), [(0.0, False), (0.9, False), (0.0, True)])
 def test_a_killed_consistency_run_resumes_to_the_same_bytes(
-    digits: dict[str, ImageSet], tmp_path: Path, ema: float
+    digits: dict[str, ImageSet], tmp_path: Path, ema: float, pseudo_head: bool
 ) -> None:
-    # with `ema` the running average is state too: resumed without it, the kept model would differ
+    # with `ema` the running average is state too, with `pseudo_head` the second head: resumed without
+    # either, the kept model would differ
     pool = _pool(digits["unlabeled"].subset(torch.arange(192)), 10)
     cfg = TrainConfig(epochs=3, lr=3e-3, finetune_lr=1e-3, unfreeze_blocks=1, batch_size=16)
-    ccfg = ConsistencyConfig(flip=False, strong_views=1, probe_head=False, ema=ema)
+    ccfg = ConsistencyConfig(flip=False, strong_views=1, probe_head=False, ema=ema, pseudo_head=pseudo_head)
 
     def run(state: Path | None, stop_after: int | None = None) -> str:
         model = build_model(ModelConfig(arch="convnet_s", weights="none", head_layers=0), 10, seed=0)
@@ -146,3 +147,24 @@ def test_a_killed_consistency_run_resumes_to_the_same_bytes(
     assert state.is_file()
     assert run(state) == whole
     assert not state.exists(), "a finished fit removes its state"
+
+
+def test_the_pseudo_head_keeps_the_strong_views_loss_off_the_model_head(digits: dict[str, ImageSet]) -> None:
+    # DST: the unlabelled loss (every pool row a target: threshold 0.05) trains a second head; the model's
+    # head sees the labelled loss only. With the top groups held still (an lr far below float32's resolution
+    # of their weights), the model's head ends the same, bit for bit, whatever the unlabelled loss's weight;
+    # without the pseudo head it does not
+    pool = _pool(digits["unlabeled"].subset(torch.arange(192)), 10)
+    cfg = TrainConfig(epochs=2, lr=3e-3, finetune_lr=1e-30, unfreeze_blocks=1, batch_size=16, freeze_bn=True)
+
+    def head_after(weight: float, pseudo_head: bool) -> torch.Tensor:
+        model = build_model(ModelConfig(arch="convnet_s", weights="none", head_layers=0, dropout=0.0), 10, seed=0)
+        setup = FitSetup(num_classes=10, seed=0, runtime=CPU, augment=augmenter(DIGITS_AUGMENT, 64, 0))
+        ccfg = ConsistencyConfig(flip=False, strong_views=1, probe_head=False, flex=False, threshold=0.05,
+                                 weight=weight, pseudo_head=pseudo_head)  # fmt: skip
+        fit_consistency(model, digits["labeled"], digits["val"], cfg, setup, pool=pool, consistency=ccfg)
+        return torch.cat([p.detach().flatten() for p in model.head.parameters()])
+
+    labelled_only = head_after(0.0, pseudo_head=True)
+    assert torch.equal(head_after(1.0, pseudo_head=True), labelled_only)
+    assert not torch.allclose(head_after(1.0, pseudo_head=False), labelled_only, atol=1e-3)

@@ -128,6 +128,12 @@ class ConsistencyConfig(BaseModel):
     probe_head: bool = Field(
         True, description="start the head at the frozen-feature probe (C by CV), not at random (linear heads)"
     )
+    pseudo_head: bool = Field(
+        False,
+        description="DST's pseudo head (Wang et al. 2022): the strong views' losses (consistency, distill) train a "
+        "second head on the shared top groups, started as the first; the model's head learns from the labels only "
+        "and makes the targets, so it never learns its own wrong guesses back. The second head is dropped at the end",
+    )
     ema: float = Field(
         0.0,
         ge=0.0,

@@ -19,6 +19,9 @@ prediction over the pool (the probe head's, when `probe_head`), mean(p) a runnin
 With `ema` (mean teacher), q comes from a running average of the trained weights, updated every step,
 and that average is the model kept: targets that drift less, an end point that is a mean of the last
 steps rather than the last one.
+With `pseudo_head` (DST, Wang et al. 2022) both strong-view terms go through a second head on the same
+features, started as the first and dropped at the end: the model's head, which makes the targets, learns
+from the labels alone.
 The LR decays as cos(7 pi t / 16 T) over the T steps (FixMatch); the end point is kept (the last weights,
 or with `ema` their average): a val set of a few dozen photos cannot pick an epoch.
 """
@@ -288,10 +291,13 @@ def fit_consistency(
         averaged = [q for q, p in zip(twin.parameters(), model.parameters(), strict=True) if p.requires_grad]
         judge = Top(Split(twin, cfg.unfreeze_blocks))
         judge.split._side = split._side
+    # DST's pseudo head: the strong views' losses train it, not the model's head (None: they train that one)
+    aux = copy.deepcopy(model.head).requires_grad_(True) if ccfg.pseudo_head else None
     groups = [
         {"params": [p for p in trainable if id(p) not in head], "lr": cfg.finetune_lr},
-        {"params": [p for p in trainable if id(p) in head], "lr": cfg.lr},
-    ]
+        {"params": [p for p in trainable if id(p) in head] + ([] if aux is None else list(aux.parameters())),
+         "lr": cfg.lr},
+    ]  # fmt: skip
     optimizer: torch.optim.Optimizer
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(
@@ -316,6 +322,8 @@ def fit_consistency(
         targets.load_state_dict(saved["targets"])
         if twin is not None:
             twin.load_state_dict(saved["ema"])
+        if aux is not None:
+            aux.load_state_dict(saved["aux"])
         history, seen = list(saved["history"]), saved["seen"]
         start -= saved["seconds"]
         set_rng_state(saved["rng"][0], generator, None)
@@ -335,7 +343,14 @@ def fit_consistency(
                 x_w = pool_v[torch.randint(weak, (len(ui),), generator=generator), ui]
                 x_s = pool_v[weak + torch.randint(ccfg.strong_views, (len(ui),), generator=generator), ui]
                 with runtime.autocast():  # one pass over the three parts: BatchNorm sees them together
-                    if twin is None:
+                    if aux is not None:  # the labelled and weak rows through the head, the strong ones through aux
+                        n = [len(li), len(ui), len(ui)] if twin is None else [len(li), len(ui)]
+                        f = split.pooled(runtime.put(torch.cat([x_l, x_w, x_s] if twin is None else [x_l, x_s])))
+                        l_l, l_s = model.head(f[: n[0]]).float(), aux(f[-n[-1] :]).float()
+                        with torch.no_grad():
+                            l_w = model.head(f[n[0] : n[0] + n[1]]) if twin is None else judge(runtime.put(x_w))
+                            l_w = l_w.float()
+                    elif twin is None:
                         logits = net(runtime.put(torch.cat([x_l, x_w, x_s]))).float()
                         l_l, l_w, l_s = logits.split([len(li), len(ui), len(ui)])
                     else:  # the weak views' targets from the average, no gradient
@@ -387,6 +402,7 @@ def fit_consistency(
                 scaler=scaler.state_dict(),
                 targets=targets.state_dict(),
                 ema=None if twin is None else twin.state_dict(),
+                aux=None if aux is None else aux.state_dict(),
                 history=history,
                 seen=seen,
                 seconds=time.perf_counter() - start,
