@@ -118,6 +118,7 @@ def test_bf16_fit_learns_keeps_fp32_weights_and_is_deterministic() -> None:
     assert strip[0] == strip[1]
     state_a, state_b = model_a.state_dict(), model_b.state_dict()
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a), "the same weights, bit for bit"
+    assert torch.equal(infer(model_a, VAL64.images, runtime=BF16), infer(model_b, VAL64.images, runtime=BF16))
     fp32 = fit(new_model(), TRAIN64, VAL64, SCHEDULE, FitSetup(num_classes=2, seed=0, runtime=CPU))
     assert a.history[0]["train_loss"] != fp32.history[0]["train_loss"], "bf16 must really change the arithmetic"
 
