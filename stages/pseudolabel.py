@@ -1,13 +1,14 @@
 """Stage pseudolabel@<round>: a round's teacher scores the unlabelled pool; keep the confident
 (threshold) or top-K.
 
-    python stages/pseudolabel.py --data data/prepared --model models/<TEACHER>.pt
+    python stages/pseudolabel.py --data data/prepared --model models/<TEACHER>.pt --probes models/probes
         --labels data/pseudolabels/<TEACHER>.csv --probs data/pseudolabels/<TEACHER>.npy
         --counts reports/pseudolabel/<TEACHER>/counts.csv --summary reports/pseudolabel/<TEACHER>/summary.json
 
 <TEACHER> is a teacher of params.yaml's `rounds`. Writes the selected rows (`--labels`: hard labels)
 and, row for row, the teacher's distribution softmax(logits / temperature) of each row's image
-(`--probs`, float32 (rows, classes): soft labels).
+(`--probs`, float32 (rows, classes): soft labels). With `pseudolabel.with_probe` the teacher is the
+ensemble of itself and the frozen-feature probe of its backbone (from `--probes`, the probe stage's).
 
 The pool is streamed shard by shard and the running selection saved after each shard, so a killed
 run resumes where it stopped. Several processes: `torchrun --standalone --nproc_per_node N
@@ -26,8 +27,9 @@ import numpy as np
 from sstl.core.files import atomic_path, write_csv, write_json
 from sstl.data.dataset import load_classes, load_images
 from sstl.models.checkpoint import load_checkpoint
+from sstl.models.classifier import Ensemble
 from sstl.params import load_params
-from sstl.pipeline.pseudolabel import pseudolabel
+from sstl.pipeline.pseudolabel import probe_of, pseudolabel
 from sstl.pipeline.stage import add_paths, parse_paths, stage_main
 from sstl.pseudo.pool import clear_state
 from sstl.runtime.distributed import distributed
@@ -37,13 +39,17 @@ from sstl.track import tracking
 @stage_main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_paths(parser, inputs=["data", "model"], outputs=["labels", "probs", "counts", "summary", "ood"])
+    add_paths(parser, inputs=["data", "model", "probes"], outputs=["labels", "probs", "counts", "summary", "ood"])
     out = parse_paths(parser)
     p = load_params()
     i, rnd = p.round_of(teacher=out.model.stem)  # models/<name>.pt
     state = Path(f".sstl-state/pseudolabel/{rnd.teacher}")  # the streaming selection's resume state: git-ignored
     runtime = p.runtime("infer")
-    model, _ = load_checkpoint(out.model, runtime.device)
+    model, meta = load_checkpoint(out.model, runtime.device)
+    scored_by = [rnd.teacher]
+    if p.pseudolabel.with_probe:
+        name, probe = probe_of(meta, out.probes, runtime.device)
+        model, scored_by = Ensemble([model, probe]), [rnd.teacher, name]
     classes = load_classes(out.data)
     with distributed(runtime) as (rank, _):
         run: AbstractContextManager[Any] = nullcontext()
@@ -63,6 +69,7 @@ def main() -> None:
             scores = [r["score"] for r in rows]
             n_pool = len(load_images(out.data, "unlabeled"))
             summary = {
+                "scored_by": scored_by,  # the teacher, or the teacher and its backbone's probe (mean distribution)
                 "n_pool": n_pool,
                 "n_selected": len(rows),
                 "mean_score": sum(scores) / max(len(scores), 1),

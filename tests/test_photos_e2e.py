@@ -128,5 +128,8 @@ def test_photo_profile_trains_on_real_photos_with_imagenet_weights(
     assert tuple(teacher["data"]["mean"]) == (0.5, 0.5, 0.5), "lite's own normalisation, recorded"
     assert teacher["interpolation"] == "bicubic" and teacher["image_size"] == 64
     assert (repo / ".sstl-state/features").is_dir(), "tune and teacher trained phase 1 on cached features"
+    # the profile's distillation targets: the teacher and Lite0's frozen probe score the pool together
+    selection = json.loads((repo / "reports/pseudolabel/teacher/summary.json").read_text())
+    assert selection["scored_by"] == ["teacher", "probe"], selection
     curve = (repo / "reports/curves/student.csv").read_text().splitlines()
     assert len(curve) == 1 + 2 and "mask_rate" in curve[0], "the student: 2 passes of consistency over the pool"

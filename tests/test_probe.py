@@ -12,10 +12,13 @@ from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
 from sstl.config.model import ModelConfig
+from sstl.core.errors import SstlError
 from sstl.eval.probe import choose_c, fit_probe
 from sstl.models.checkpoint import load_checkpoint, save_checkpoint
+from sstl.models.classifier import Ensemble
 from sstl.models.factory import create_model
 from sstl.models.inference import infer
+from sstl.pipeline.pseudolabel import probe_of
 from sstl.runtime.device import CPU
 
 GRID = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
@@ -88,3 +91,35 @@ def test_the_probe_refuses_an_mlp_head_and_a_class_without_labels() -> None:
     linear = create_model(ModelConfig(arch="convnet_s", head_layers=0), 4)
     with pytest.raises(Exception, match=r"class indices \[3\] have none"):
         fit_probe(linear, images, labels, num_classes=4, grid=GRID, folds=5, seed=0, runtime=CPU)
+
+
+def test_the_teacher_with_its_probe_scores_the_mean_of_their_distributions(tmp_path: Path) -> None:
+    """pseudolabel.with_probe: the pool is scored by the teacher and the probe of its backbone (found in
+    the probe stage's folder by arch and weights), the mean of their two distributions."""
+    images, labels = _digits(3)
+    torch.manual_seed(0)
+    probe_cfg = ModelConfig(arch="convnet_s", weights="none", head_layers=0, dropout=0.0)
+    probe = create_model(probe_cfg, 3)
+    fit_probe(probe, images[:90], labels[:90], num_classes=3, grid=GRID, folds=3, seed=0, runtime=CPU)
+    other_cfg = ModelConfig(arch="convnet_m", weights="none", head_layers=0, dropout=0.0)
+    probes = tmp_path / "probes"
+    save_checkpoint(probes / "probe.pt", probe, probe_cfg, ["0", "1", "2"], 16)
+    save_checkpoint(probes / "probe_student.pt", create_model(other_cfg, 3), other_cfg, ["0", "1", "2"], 16)
+    teacher_cfg = ModelConfig(arch="convnet_s", weights="none", head_layers=1, hidden_size=32)
+    teacher = create_model(teacher_cfg, 3)  # another head on another random backbone: it disagrees with the probe
+    save_checkpoint(tmp_path / "teacher.pt", teacher, teacher_cfg, ["0", "1", "2"], 16)
+    teacher, meta = load_checkpoint(tmp_path / "teacher.pt")
+
+    name, found = probe_of(meta, probes)
+    assert name == "probe"
+    both = Ensemble([teacher, found])
+    test = images[90:150]
+    p_teacher, p_probe = (infer(m, test, runtime=CPU).softmax(1) for m in (teacher, probe))
+    p_both = infer(both, test, runtime=CPU).softmax(1)
+    assert (p_teacher - p_probe).abs().max() > 0.1, "the members must disagree for the mean to show"
+    assert torch.allclose(p_both, (p_teacher + p_probe) / 2, atol=1e-5)
+    assert torch.equal(infer(both, test, runtime=CPU, features=True), infer(teacher, test, runtime=CPU, features=True))
+
+    meta["model"]["arch"] = "convnet_l"  # a teacher no probe shares a backbone with
+    with pytest.raises(SstlError, match=r"no probe of the teacher's backbone \(convnet_l.*probe.enabled: true"):
+        probe_of(meta, probes)

@@ -34,6 +34,12 @@ class SelectConfig(BaseModel):
         description="drop selected pool images less similar to their nearest labelled photo (cosine, the teacher's "
         "features) than this quantile of val photos are (0.05: 95% of val passes); listed in ood.csv; null: off",
     )
+    with_probe: bool = Field(
+        False,
+        description="score the pool with the mean of the teacher's distribution and its backbone's frozen-feature "
+        "probe's (models/probes: the same labelled rows), not the teacher's alone: the fine-tuned network and the "
+        "regression on frozen features err on different photos (needs probe.enabled)",
+    )
     temperature: float = Field(
         1.0, gt=0.0, description="softmax temperature of the soft targets (the stage's --probs); not of the selection"
     )

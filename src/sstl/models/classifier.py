@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,27 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+class Ensemble(Classifier):
+    """Several classifiers of one backbone's preprocessing as one: the mean of their distributions, as
+    logits (log of the mean softmax, so softmax gives it back); features are the first member's.
+
+    The pseudolabel stage's teacher with its backbone's frozen-feature probe (`pseudolabel.with_probe`):
+    a network fine-tuned on a few dozen labels and a regression on frozen features err on different photos.
+    """
+
+    def __init__(self, members: list[Classifier]) -> None:
+        first, *others = members
+        if any(m.data != first.data for m in others):
+            raise ValueError("an ensemble's members must preprocess alike (one backbone's data config)")
+        super().__init__(first.backbone, list(first.blocks), first.head, first.data)
+        self.others = nn.ModuleList(others)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = [super().forward(x), *(m(x) for m in self.others)]  # each (N, C)
+        logp = torch.stack([F.log_softmax(z.float(), 1) for z in logits])  # (members, N, C)
+        return torch.logsumexp(logp, 0) - math.log(len(logits))
 
 
 def make_head(in_dim: int, num_classes: int, cfg: ModelConfig) -> nn.Sequential:

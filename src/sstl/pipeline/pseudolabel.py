@@ -15,6 +15,7 @@ from sstl.config.pseudo import SelectConfig
 from sstl.core.errors import SstlError
 from sstl.core.files import file_digest, read_csv
 from sstl.data.dataset import ImageSet, load_images, load_split
+from sstl.models.checkpoint import load_checkpoint
 from sstl.models.classifier import Classifier
 from sstl.models.inference import infer
 from sstl.pseudo.ood import in_distribution
@@ -92,6 +93,20 @@ class Pseudo(NamedTuple):
     counts: list[dict[str, Any]]  # per class: class, count
     probs: torch.Tensor  # (M, C) float32 soft targets, row i of rows[i]
     ood: list[dict[str, Any]]  # selected, then dropped as of no class: index, path, predicted, similarity, threshold
+
+
+def probe_of(teacher: dict[str, Any], probes: Path, device: torch.device | str = "cpu") -> tuple[str, Classifier]:
+    """(name, model) of the probe stage's frozen-feature probe of the backbone of `teacher` (a checkpoint's
+    payload) in the folder `probes`."""
+    want = (teacher["model"]["arch"], teacher["model"]["weights"])
+    for path in sorted(Path(probes).glob("*.pt")):
+        model, meta = load_checkpoint(path, device)
+        if (meta["model"]["arch"], meta["model"]["weights"]) == want:
+            return path.stem, model
+    raise SstlError(
+        f"pseudolabel.with_probe: no probe of the teacher's backbone ({want[0]}, weights {want[1]}) in {probes}: "
+        "set probe.enabled: true (and re-run the probe stage) or pseudolabel.with_probe: false"
+    )
 
 
 def _ood_filter(
