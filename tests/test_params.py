@@ -53,6 +53,23 @@ def test_repo_params_yaml_loads() -> None:
     assert p.tune.space, "the repo's params.yaml declares a search space"
 
 
+def _leaves(tree: dict[str, Any], prefix: str = "") -> set[str]:
+    return {
+        leaf
+        for key, value in tree.items()
+        for leaf in (_leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}"})
+    }
+
+
+def test_every_key_the_photo_profile_sets_is_in_params_yaml(repo_raw: dict[str, Any]) -> None:
+    """`dvc exp run -S key=value` (and benchmarks/photos.py, which applies the profile so) overrides only
+    keys params.yaml already holds: a key the profile sets but params.yaml lacks fails there."""
+    profile = read_yaml(ROOT / "src/sstl/profiles/photos.yaml")
+    profile["tune"].pop("space")  # a search space is replaced whole (`-S ~tune.space -S +tune.space=...`)
+    missing = _leaves(profile) - _leaves(repo_raw)
+    assert not missing, f"add to params.yaml (with its default): {sorted(missing)}"
+
+
 def test_repo_params_match_raw_values(repo_raw: dict[str, Any]) -> None:
     p = parse_params(repo_raw)
     assert p.seed == repo_raw["seed"]
