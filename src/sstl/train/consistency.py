@@ -344,12 +344,11 @@ def fit_consistency(
                 x_s = pool_v[weak + torch.randint(ccfg.strong_views, (len(ui),), generator=generator), ui]
                 with runtime.autocast():  # one pass over the three parts: BatchNorm sees them together
                     if aux is not None:  # the labelled and weak rows through the head, the strong ones through aux
-                        n = [len(li), len(ui), len(ui)] if twin is None else [len(li), len(ui)]
-                        f = split.pooled(runtime.put(torch.cat([x_l, x_w, x_s] if twin is None else [x_l, x_s])))
-                        l_l, l_s = model.head(f[: n[0]]).float(), aux(f[-n[-1] :]).float()
+                        parts = [x_l, x_w, x_s] if twin is None else [x_l, x_s]
+                        f = split.pooled(runtime.put(torch.cat(parts))).split([len(x) for x in parts])
+                        l_l, l_s = model.head(f[0]).float(), aux(f[-1]).float()
                         with torch.no_grad():
-                            l_w = model.head(f[n[0] : n[0] + n[1]]) if twin is None else judge(runtime.put(x_w))
-                            l_w = l_w.float()
+                            l_w = (model.head(f[1]) if twin is None else judge(runtime.put(x_w))).float()
                     elif twin is None:
                         logits = net(runtime.put(torch.cat([x_l, x_w, x_s]))).float()
                         l_l, l_w, l_s = logits.split([len(li), len(ui), len(ui)])
