@@ -5,6 +5,7 @@
     python benchmarks/photos.py --render                 # the markdown again from the JSON
     python benchmarks/photos.py --keep-upper-bound       # each set's upper bound from the JSON (it trains the
                                                          #   teacher's recipe only: unchanged by student changes)
+    python benchmarks/photos.py --sets weather4 --seeds 42,1,2   # the table from seed 42, a line over all three
 
 Each set is a folder `train/<class>/` + `test/<class>/` (+ `validation/<class>/`, test-add) under
 ~/.cache/sstl-data/ (see SETS). benchmarks/photo-sets/<set>.md says where its photos come from, their
@@ -14,7 +15,10 @@ under neutral names, then `dvc exp run --temp` with the photo profile (`sstl pro
 precision bf16 where the CPU has it natively (fp32 elsewhere): no per-set override, the gain must live
 in the defaults. Then the upper bound: the teacher's backbone and recipe, supervised on every train
 label. One table per set (probes, teacher, student, fine-tuned, the model to use, upper bound, minutes,
-peak memory) in reports/benchmarks/photos.{md,json}, with the machine, date, commit and lock.
+peak memory) in reports/benchmarks/photos.{md,json}, with the machine, date, commit and lock. With
+--seeds, the whole pipeline runs once per training seed (params `seed`: the teacher's val hold-out, the
+probes' CV folds, every initialisation and augmentation draw; the labelled photos stay the same): the
+table shows the first seed's run, a line under it the model to use and the best probe at every seed.
 """
 
 from __future__ import annotations
@@ -101,9 +105,12 @@ def check_files(name: str, source: Path) -> None:
         raise SystemExit(f"error: {source} is not the {name} set of {listing.name} (first differences: {differ})")
 
 
-def run_set(name: str, spec: PhotoSet, *, upper_bound: dict | None = None) -> dict:
-    """Lay the set out, run the pipeline as a user would, train the upper bound (or keep `upper_bound`, as
-    measured before, with the commit it was measured at): the set's record."""
+def run_set(
+    name: str, spec: PhotoSet, *, upper_bound: dict | None = None, seed: int | None = None, with_upper: bool = True
+) -> dict:
+    """Lay the set out, run the pipeline as a user would (at params' seed, or `seed`), train the upper bound
+    (or keep `upper_bound`, as measured before, with the commit it was measured at; none: `with_upper`
+    False): the set's record."""
     import timm
     import torch
 
@@ -119,23 +126,46 @@ def run_set(name: str, spec: PhotoSet, *, upper_bound: dict | None = None) -> di
     mode = precision()
     with tempfile.TemporaryDirectory() as tmp:
         extra = Path(tmp) / "extra.yaml"  # the one thing besides the folder that a user sets: the precision
-        extra.write_text(yaml.safe_dump({"precision": {"train": mode, "infer": mode}}))
+        overrides: dict = {"precision": {"train": mode, "infer": mode}}
+        if seed is not None:  # a benchmark's second opinion on the same photos, not a user's setting
+            overrides["seed"] = seed
+        extra.write_text(yaml.safe_dump(overrides))
         record = clothing.run_pipeline(folder, extra, label=name)
         record["upper_bound_commit"] = record["commit"]
         if upper_bound is not None:
             record["upper_bound"] = upper_bound
-        elif not foreign:
+        elif with_upper and not foreign:
             all_folder = DATA / f"{name}-all"
             clothing.layout(all_folder, 0, seed=0, all_labels=True, source=source, splits=spec.splits)
             record["upper_bound"] = clothing.upper_bound(all_folder, extra)
     return {
         **record,
+        "seed": seed if seed is not None else yaml.safe_load((ROOT / "params.yaml").read_text())["seed"],
         "about": spec.about,
         "counts": counts,
         "precision": mode,
         "torch": torch.__version__,
         "timm": timm.__version__,
     }
+
+
+def best_probe(models: dict, split: str = "test") -> float | None:
+    """The higher of the two frozen-feature baselines on `split` (None where neither has it)."""
+    values = [models[k][split] for k in ("probe", "probe_student") if models.get(k, {}).get(split) is not None]
+    return max(values, default=None)
+
+
+def seed_line(runs: dict) -> str:
+    """One line over the runs at several training seeds: the model to use against the best probe at each."""
+    seeds = list(runs)
+    use = [runs[s]["models"][runs[s]["use"]]["test"] for s in seeds]
+    best = [best_probe(runs[s]["models"]) for s in seeds]
+    gains = [(u - b) * 100 for u, b in zip(use, best, strict=True)]
+    return (
+        f"Training seeds {' / '.join(seeds)} (the same labelled photos): the model to use "
+        f"{' / '.join(f'{u:.4f}' for u in use)} on test, the best probe {' / '.join(f'{b:.4f}' for b in best)}: "
+        f"{' / '.join(f'{g:+.1f}' for g in gains)} points (mean {sum(gains) / len(gains):+.1f})."
+    )
 
 
 MODELS = {
@@ -192,13 +222,14 @@ def render(records: dict) -> str:
         if use in m:
             gains = []
             for split, shown in (("test", "test"), ("test_add", "test-add")):
-                best = max((m[k][split] for k in ("probe", "probe_student") if m.get(k, {}).get(split) is not None),
-                           default=None)  # fmt: skip
+                best = best_probe(m, split)
                 if best is not None and best == best and m[use].get(split) is not None:
                     gains.append(f"{(m[use][split] - best) * 100:+.1f} points against the best probe on {shown}")
             if "teacher" in m:
                 gains.append(f"{(m[use]['test'] - m['teacher']['test']) * 100:+.1f} against the teacher on test")
             lines += ["", f"The model to use ({use}): {'; '.join(gains)}."]
+        if len(r.get("seeds", {})) > 1:
+            lines.append(seed_line(r["seeds"]))
         peak = max(s["peak_rss_mb"] for s in r["stages"].values())
         lines.append(f"Whole pipeline: {r['pipeline_seconds'] / 60:.1f} min wall, peak RSS {peak} MB (stage by stage: "
                      f"the JSON twin).")  # fmt: skip
@@ -214,7 +245,14 @@ def main() -> None:
     ap.add_argument(
         "--keep-upper-bound", action="store_true", help="keep each set's all-labels upper bound from the JSON"
     )
+    ap.add_argument(
+        "--seeds", default="", help="comma-separated training seeds, each a whole run (default: params.yaml's seed)"
+    )
     args = ap.parse_args()
+    try:
+        seeds: list[int | None] = [int(s) for s in args.seeds.split(",") if s.strip()] or [None]
+    except ValueError:
+        raise SystemExit(f"error: --seeds {args.seeds!r}: whole numbers separated by commas, e.g. 42,1,2") from None
     records = json.loads(OUT_JSON.read_text()) if OUT_JSON.is_file() else {}
     if not args.render:
         for name in (s for s in args.sets.split(",") if s):
@@ -222,11 +260,18 @@ def main() -> None:
                 raise SystemExit(f"error: unknown set {name!r}: choose from {', '.join(SETS)}")
             before = records.get(name, {})
             kept = before.get("upper_bound") if args.keep_upper_bound else None
-            records[name] = run_set(name, SETS[name], upper_bound=kept)
-            if kept is not None:
-                records[name]["upper_bound_commit"] = before.get("upper_bound_commit", before["commit"])
-            write_json(OUT_JSON, records)  # each set's figures are kept even if a later set fails
-            write_text(OUT_MD, render(records))
+            runs: dict[str, dict] = {}
+            for k, seed in enumerate(seeds):
+                # the upper bound is the teacher's recipe on every label: measured once, at the first seed
+                run = run_set(name, SETS[name], upper_bound=kept, seed=seed, with_upper=k == 0)
+                runs[str(run["seed"])] = {key: run[key] for key in ("models", "use", "commit", "date")}
+                if k == 0:
+                    records[name] = run
+                    if kept is not None:
+                        records[name]["upper_bound_commit"] = before.get("upper_bound_commit", before["commit"])
+                records[name]["seeds"] = dict(runs)
+                write_json(OUT_JSON, records)  # each set's figures are kept even if a later set or seed fails
+                write_text(OUT_MD, render(records))
     write_text(OUT_MD, render({k: records[k] for k in SETS if k in records}))
     print(OUT_MD.read_text())
 
