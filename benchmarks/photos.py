@@ -160,12 +160,23 @@ def seed_line(runs: dict) -> str:
     seeds = list(runs)
     use = [runs[s]["models"][runs[s]["use"]]["test"] for s in seeds]
     best = [best_probe(runs[s]["models"]) for s in seeds]
+    teacher = [runs[s]["models"].get("teacher", {}).get("test") for s in seeds]
     gains = [(u - b) * 100 for u, b in zip(use, best, strict=True)]
-    return (
+    line = (
         f"Training seeds {' / '.join(seeds)} (the same labelled photos): the model to use "
         f"{' / '.join(f'{u:.4f}' for u in use)} on test, the best probe {' / '.join(f'{b:.4f}' for b in best)}: "
-        f"{' / '.join(f'{g:+.1f}' for g in gains)} points (mean {sum(gains) / len(gains):+.1f})."
+        f"{' / '.join(f'{g:+.1f}' for g in gains)} points (mean {sum(gains) / len(gains):+.1f})"
     )
+    if None not in teacher:
+        line += f"; the teacher {' / '.join(f'{t:.4f}' for t in teacher)}"
+    use_add = [runs[s]["models"][runs[s]["use"]].get("test_add") for s in seeds]
+    best_add = [best_probe(runs[s]["models"], "test_add") for s in seeds]
+    if None not in use_add and None not in best_add:
+        line += (
+            f"; on test-add the model to use {' / '.join(f'{u:.4f}' for u in use_add)}, the best probe "
+            f"{' / '.join(f'{b:.4f}' for b in best_add)}"
+        )
+    return line + "."
 
 
 MODELS = {
