@@ -157,25 +157,26 @@ def best_probe(models: dict, split: str = "test") -> float | None:
 
 def seed_line(runs: dict) -> str:
     """One line over the runs at several training seeds: the model to use against the best probe at each."""
+
+    def figures(values: list[float]) -> str:
+        return " / ".join(f"{v:.4f}" for v in values)
+
     seeds = list(runs)
     use = [runs[s]["models"][runs[s]["use"]]["test"] for s in seeds]
     best = [best_probe(runs[s]["models"]) for s in seeds]
     teacher = [runs[s]["models"].get("teacher", {}).get("test") for s in seeds]
     gains = [(u - b) * 100 for u, b in zip(use, best, strict=True)]
     line = (
-        f"Training seeds {' / '.join(seeds)} (the same labelled photos): the model to use "
-        f"{' / '.join(f'{u:.4f}' for u in use)} on test, the best probe {' / '.join(f'{b:.4f}' for b in best)}: "
-        f"{' / '.join(f'{g:+.1f}' for g in gains)} points (mean {sum(gains) / len(gains):+.1f})"
+        f"Training seeds {' / '.join(seeds)} (the same labelled photos): the model to use {figures(use)} on test, "
+        f"the best probe {figures(best)}: {' / '.join(f'{g:+.1f}' for g in gains)} points "
+        f"(mean {sum(gains) / len(gains):+.1f})"
     )
     if None not in teacher:
-        line += f"; the teacher {' / '.join(f'{t:.4f}' for t in teacher)}"
+        line += f"; the teacher {figures(teacher)}"
     use_add = [runs[s]["models"][runs[s]["use"]].get("test_add") for s in seeds]
     best_add = [best_probe(runs[s]["models"], "test_add") for s in seeds]
     if None not in use_add and None not in best_add:
-        line += (
-            f"; on test-add the model to use {' / '.join(f'{u:.4f}' for u in use_add)}, the best probe "
-            f"{' / '.join(f'{b:.4f}' for b in best_add)}"
-        )
+        line += f"; on test-add the model to use {figures(use_add)}, the best probe {figures(best_add)}"
     return line + "."
 
 
@@ -280,7 +281,7 @@ def main() -> None:
                     records[name] = run
                     if kept is not None:
                         records[name]["upper_bound_commit"] = before.get("upper_bound_commit", before["commit"])
-                records[name]["seeds"] = dict(runs)
+                records[name]["seeds"] = runs
                 write_json(OUT_JSON, records)  # each set's figures are kept even if a later set or seed fails
                 write_text(OUT_MD, render(records))
     write_text(OUT_MD, render({k: records[k] for k in SETS if k in records}))
