@@ -19,6 +19,7 @@ import time
 import urllib.request
 from base64 import b64encode
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -73,8 +74,19 @@ def ran_stages(output: str) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repo = tmp_path_factory.mktemp("project")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    # this module's own MLflow store: the worker's store also holds the runs of the modules pytest-xdist
+    # gave the same worker earlier, and the assertions below are about this project's history alone
+    store = pytest.MonkeyPatch()
+    store.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path_factory.mktemp('mlflow-e2e') / 'mlflow.db'}")
+    try:
+        yield baseline(tmp_path_factory.mktemp("project"))
+    finally:
+        store.undo()
+
+
+def baseline(repo: Path) -> Path:
+    """The demo project at the test params, reproduced once and committed."""
     for item in ("stages", "src", "dvc.yaml", ".dvcignore", "data/inventory.json"):
         src = ROOT / item
         if src.is_dir():
