@@ -30,9 +30,11 @@ DIGITS_AUGMENT = AugmentConfig(hflip=False, crop_scale=0.7, rotate=15, translate
 
 
 @pytest.mark.parametrize(("arch", "weights"), [("tf_efficientnet_lite0", "imagenet"), ("resnet18", "none")])
-@pytest.mark.parametrize("top", [1, 2])
-def test_the_cut_backbone_computes_what_the_whole_one_does(arch: str, weights: str, top: int) -> None:
-    model = create_model(ModelConfig(arch=arch, weights=weights, head_layers=0), 3).eval()
+@pytest.mark.parametrize(("top", "taps"), [(1, 0), (2, 0), (1, 2), (2, 2)])
+def test_the_cut_backbone_computes_what_the_whole_one_does(arch: str, weights: str, top: int, taps: int) -> None:
+    # with taps (ModelConfig.taps): the statistics of what enters the top group's first modules, read at or
+    # above the cut, from the activations the cut puts in
+    model = create_model(ModelConfig(arch=arch, weights=weights, head_layers=0, taps=taps), 3).eval()
     split = Split(model, top)
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():

@@ -326,6 +326,34 @@ def test_timm_arch_blocks_freeze_from_the_top() -> None:
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_taps_give_the_head_the_statistics_entering_the_top_groups_first_modules(tmp_path: Path) -> None:
+    # Lite0's top group is timm's blocks.6.0.conv_pw, .bn1, ... conv_head, bn2: taps 2 read what enters the
+    # first two, the 192 channels blocks.5 puts out and the 1152 of the expansion conv (6 x 192), mean and
+    # std over space of each, beside the 1280 pooled features
+    config = cfg("tf_efficientnet_lite0", head_layers=0, taps=2)
+    model = create_model(config, 4).eval()
+    x = torch.randn(2, 3, 64, 64)
+    out: list[torch.Tensor] = []
+    hook = model.backbone.blocks[5].register_forward_hook(lambda _m, _a, y: out.append(y))
+    with torch.no_grad():
+        f = model.features(x)
+    hook.remove()
+    assert f.shape == (2, 1280 + 2 * (192 + 1152)) and model.head[-1].in_features == f.shape[1]
+    with torch.no_grad():
+        assert torch.equal(f[:, :1280], model.backbone(x))  # the pooled features first, as without taps
+    stats = torch.cat([out[0].mean((2, 3)), out[0].std((2, 3), unbiased=False)], 1)
+    stats = (stats - stats.mean(1, keepdim=True)) / stats.std(1, unbiased=False, keepdim=True)  # per photo
+    assert torch.allclose(f[:, 1280 : 1280 + 384], stats, atol=1e-4)
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, model, config, ["a", "b", "c", "d"], 64)
+    loaded, payload = load_checkpoint(path)
+    assert payload["model"]["taps"] == 2
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    with pytest.raises(SstlError, match="taps is 3, but the top group of resnet18 has 2 modules: set taps to at most"):
+        create_model(cfg("resnet18", taps=3), 4)  # layer4: two BasicBlocks
+
+
 def test_unknown_timm_name_suggests_close_matches() -> None:
     with pytest.raises(SstlError) as info:
         create_model(cfg("efficientnet_lite_0"), 3)

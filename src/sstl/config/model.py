@@ -27,6 +27,15 @@ class ModelConfig(BaseModel):
     widths: tuple[int, int, int] | None = Field(
         None, description="channels of the three groups of sstl's small CNNs (convnet_*, airbench_*); null: the arch's"
     )
+    taps: int = Field(
+        0,
+        ge=0,
+        le=8,
+        description="the head also reads the mean and std over space of the activations entering the first `taps` "
+        "modules of the backbone's top group (EfficientNet-Lite, 2: what blocks.5 puts out and blocks.6's expansion "
+        "conv), beside the pooled features: "
+        "mid-level features that still transfer where ImageNet's top ones do not (Head2Toe, Evci et al. 2022)",
+    )
     resize: int | None = Field(
         None,
         ge=8,

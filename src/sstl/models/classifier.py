@@ -24,12 +24,20 @@ class Classifier(nn.Module):
     cannot normalise differently.
     """
 
-    def __init__(self, backbone: nn.Module, blocks: list[nn.Module], head: nn.Module, data: DataConfig) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        blocks: list[nn.Module],
+        head: nn.Module,
+        data: DataConfig,
+        taps: tuple[nn.Module, ...] = (),
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.data = data
         self.blocks: tuple[nn.Module, ...] = tuple(blocks)  # a plain attribute: state_dict holds them once
+        self.taps = taps  # backbone modules whose input activations the head also reads (ModelConfig.taps)
         self.mean: torch.Tensor
         self.std: torch.Tensor
         self.register_buffer("mean", torch.tensor(data.mean).view(1, 3, 1, 1), persistent=False)
@@ -47,8 +55,25 @@ class Classifier(nn.Module):
         return F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=x.shape[-1] > side)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) normalised images -> (N, D) pooled features."""
-        return self.backbone(x)
+        """(N, 3, H, W) normalised images -> (N, D) pooled features; with `taps`, followed by the mean and
+        the std over space of the activations (N, C_i, h, w) entering each tap, in forward order (N, 2 C_i)."""
+        if not self.taps:
+            return self.backbone(x)
+        seen: list[torch.Tensor] = []
+
+        def grab(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            seen.append(args[0])  # registered last: after a hook that replaces the input (the consistency cut)
+
+        handles = [tap.register_forward_pre_hook(grab) for tap in self.taps]
+        try:
+            pooled = self.backbone(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        parts = [pooled, *(torch.cat([a.mean((2, 3)), a.std((2, 3), correction=0)], 1) for a in seen)]
+        # each part standardised per photo: a mid-level activation's scale (several times the pooled features')
+        # would otherwise drown the pooled features in the head
+        return torch.cat([pooled, *(F.layer_norm(part, part.shape[1:]) for part in parts[1:])], 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -66,7 +91,7 @@ class Ensemble(Classifier):
         first, *others = members
         if any(m.data != first.data for m in others):
             raise ValueError("an ensemble's members must preprocess alike (one backbone's data config)")
-        super().__init__(first.backbone, list(first.blocks), first.head, first.data)
+        super().__init__(first.backbone, list(first.blocks), first.head, first.data, first.taps)
         self.others = nn.ModuleList(others)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

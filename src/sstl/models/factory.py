@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import timm
+import torch
 import torchvision
 from timm.models import group_modules
 from torch import nn
@@ -157,10 +158,35 @@ def create_model(cfg: ModelConfig, num_classes: int) -> Classifier:
     sstl_ckpt: dict[str, Any] | None = payload if is_sstl else None
     backbone, blocks, width = family_of(cfg.arch).build(cfg, payload, sstl_ckpt is None)
     data = data_config(cfg.arch).model_copy(update={"resize": cfg.resize})
-    model = Classifier(backbone, blocks, make_head(width, num_classes, cfg), data)
+    taps = _taps(cfg, blocks[-1])
+    if taps:  # the head's width: the pooled features and two statistics per channel entering each tap
+        width = _feature_width(Classifier(backbone, blocks, nn.Identity(), data, taps))
+    model = Classifier(backbone, blocks, make_head(width, num_classes, cfg), data, taps)
     if sstl_ckpt is not None:
         load_sstl_backbone(model, sstl_ckpt, cfg)
     return model
+
+
+def _taps(cfg: ModelConfig, top: nn.Module) -> tuple[nn.Module, ...]:
+    """The first `cfg.taps` modules of the backbone's top group, in order (`ModelConfig.taps`)."""
+    if not cfg.taps:
+        return ()
+    modules = list(top) if isinstance(top, nn.ModuleList) else list(top.children())
+    if cfg.taps > len(modules):
+        raise SstlError(
+            f"taps is {cfg.taps}, but the top group of {cfg.arch} has {len(modules)} modules: set taps to at most "
+            f"{len(modules)} (0: the pooled features alone)"
+        )
+    return tuple(modules[: cfg.taps])
+
+
+def _feature_width(model: Classifier) -> int:
+    """The width of `model.features` on one image of the backbone's input size (eval mode, no grad)."""
+    side, training = model.data.resize or model.data.input_size, model.training
+    with torch.no_grad():
+        width = int(model.eval().features(torch.zeros(1, 3, side, side)).shape[1])
+    model.train(training)
+    return width
 
 
 def _timm_blocks(net: nn.Module) -> list[nn.Module]:

@@ -103,7 +103,7 @@ class Split:
         return caught[0]
 
     def pooled(self, act: torch.Tensor) -> torch.Tensor:
-        """Activations at the cut (N, ...) -> pooled backbone features (N, D)."""
+        """Activations at the cut (N, ...) -> the model's features (N, D): pooled, and its taps'."""
 
         def put(_module: nn.Module, _args: tuple[Any, ...]) -> tuple[torch.Tensor]:
             return (act,)
@@ -111,7 +111,7 @@ class Split:
         handle = self.entry.register_forward_pre_hook(put)
         try:
             empty = act.new_zeros((0, 3, self._side, self._side))  # the bottom computes nothing
-            return self.model.backbone(empty)
+            return self.model.features(empty)  # with the model's taps at or above the cut
         finally:
             handle.remove()
 
