@@ -70,10 +70,10 @@ class Classifier(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
-        parts = [pooled, *(torch.cat([a.mean((2, 3)), a.std((2, 3), correction=0)], 1) for a in seen)]
-        # each part standardised per photo: a mid-level activation's scale (several times the pooled features')
-        # would otherwise drown the pooled features in the head
-        return torch.cat([pooled, *(F.layer_norm(part, part.shape[1:]) for part in parts[1:])], 1)
+        stats = [torch.cat([a.mean((2, 3)), a.std((2, 3), correction=0)], 1) for a in seen]
+        # each tap's statistics standardised per photo: a mid-level activation's scale (several times the
+        # pooled features') would otherwise drown the pooled features in the head
+        return torch.cat([pooled, *(F.layer_norm(s, s.shape[1:]) for s in stats)], 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
