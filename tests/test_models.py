@@ -326,32 +326,40 @@ def test_timm_arch_blocks_freeze_from_the_top() -> None:
     assert all(p.requires_grad for p in model.parameters())
 
 
-def test_taps_give_the_head_the_statistics_entering_the_top_groups_first_modules(tmp_path: Path) -> None:
-    # Lite0's top group is timm's blocks.6.0.conv_pw, .bn1, ... conv_head, bn2: taps 2 read what enters the
-    # first two, the 192 channels blocks.5 puts out and the 1152 of the expansion conv (6 x 192), mean and
-    # std over space of each, beside the 1280 pooled features
-    config = cfg("tf_efficientnet_lite0", head_layers=0, taps=2)
-    model = create_model(config, 4).eval()
+def test_taps_give_the_head_the_statistics_of_the_top_stages_outputs(tmp_path: Path) -> None:
+    # Lite0's groups: stem, blocks.0 ... blocks.5, then blocks.6 with the head conv: taps 2 read what the
+    # stages blocks.5 (192 channels) and blocks.6 (320) put out, per channel over space, beside the 1280
+    # pooled features; std alone by default, mean and std with tap_stats mean_std
     x = torch.randn(2, 3, 64, 64)
-    out: list[torch.Tensor] = []
-    hook = model.backbone.blocks[5].register_forward_hook(lambda _m, _a, y: out.append(y))
-    with torch.no_grad():
-        f = model.features(x)
-    hook.remove()
-    assert f.shape == (2, 1280 + 2 * (192 + 1152)) and model.head[-1].in_features == f.shape[1]
-    with torch.no_grad():
-        assert torch.equal(f[:, :1280], model.backbone(x))  # the pooled features first, as without taps
-    stats = torch.cat([out[0].mean((2, 3)), out[0].std((2, 3), unbiased=False)], 1)
-    stats = (stats - stats.mean(1, keepdim=True)) / stats.std(1, unbiased=False, keepdim=True)  # per photo
-    assert torch.allclose(f[:, 1280 : 1280 + 384], stats, atol=1e-4)
+    for stats, per_channel in (("std", 1), ("mean_std", 2)):
+        config = cfg("tf_efficientnet_lite0", head_layers=0, taps=2, tap_stats=stats)
+        model = create_model(config, 4).eval()
+        out: list[torch.Tensor] = []
+        grab = out.append
+        hooks = [model.backbone.blocks[i].register_forward_hook(lambda _m, _a, y, g=grab: g(y)) for i in (5, 6)]
+        with torch.no_grad():
+            f = model.features(x)
+        for hook in hooks:
+            hook.remove()
+        assert f.shape == (2, 1280 + per_channel * (192 + 320)) and model.head[-1].in_features == f.shape[1]
+        with torch.no_grad():
+            assert torch.equal(f[:, :1280], model.backbone(x))  # the pooled features first, as without taps
+        at = 1280
+        for a in out:  # blocks.5's statistics, then blocks.6's, each standardised per photo
+            s = a.std((2, 3), unbiased=False)
+            s = torch.cat([a.mean((2, 3)), s], 1) if stats == "mean_std" else s
+            s = (s - s.mean(1, keepdim=True)) / s.std(1, unbiased=False, keepdim=True)
+            assert torch.allclose(f[:, at : at + s.shape[1]], s, atol=1e-4)
+            at += s.shape[1]
+        assert at == f.shape[1]
     path = tmp_path / "m.pt"
     save_checkpoint(path, model, config, ["a", "b", "c", "d"], 64)
     loaded, payload = load_checkpoint(path)
-    assert payload["model"]["taps"] == 2
+    assert (payload["model"]["taps"], payload["model"]["tap_stats"]) == (2, "mean_std")
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
-    with pytest.raises(SstlError, match="taps is 3, but the top group of resnet18 has 2 modules: set taps to at most"):
-        create_model(cfg("resnet18", taps=3), 4)  # layer4: two BasicBlocks
+    with pytest.raises(SstlError, match="taps is 5, but resnet18 has 4 groups above its stem: set taps to at most 4"):
+        create_model(cfg("resnet18", taps=5), 4)  # layer1-4
 
 
 def test_unknown_timm_name_suggests_close_matches() -> None:

@@ -30,11 +30,16 @@ class ModelConfig(BaseModel):
     taps: int = Field(
         0,
         ge=0,
-        le=8,
-        description="the head also reads the mean and std over space of the activations entering the first `taps` "
-        "modules of the backbone's top group (EfficientNet-Lite, 2: what blocks.5 puts out and blocks.6's expansion "
-        "conv), beside the pooled features: "
-        "mid-level features that still transfer where ImageNet's top ones do not (Head2Toe, Evci et al. 2022)",
+        le=16,
+        description="the head also reads per-channel statistics over space of the outputs of the backbone's top "
+        "`taps` stages (its groups' whole modules: EfficientNet-Lite, 5: blocks.2 to blocks.6), each standardised per "
+        "photo, beside the pooled features: mid-level features that still transfer where ImageNet's top ones do not "
+        "(Head2Toe, Evci et al. 2022)",
+    )
+    tap_stats: Literal["std", "mean_std"] = Field(
+        "std",
+        description="which statistics a tap gives: the std over space per channel (texture and contrast, as in style "
+        "transfer's statistics), or the mean too",
     )
     resize: int | None = Field(
         None,

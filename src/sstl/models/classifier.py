@@ -31,13 +31,15 @@ class Classifier(nn.Module):
         head: nn.Module,
         data: DataConfig,
         taps: tuple[nn.Module, ...] = (),
+        tap_stats: str = "std",
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.data = data
         self.blocks: tuple[nn.Module, ...] = tuple(blocks)  # a plain attribute: state_dict holds them once
-        self.taps = taps  # backbone modules whose input activations the head also reads (ModelConfig.taps)
+        self.taps = taps  # backbone stages whose outputs' statistics the head also reads (ModelConfig.taps)
+        self.tap_stats = tap_stats  # which: "std" or "mean_std" over space, per channel
         self.mean: torch.Tensor
         self.std: torch.Tensor
         self.register_buffer("mean", torch.tensor(data.mean).view(1, 3, 1, 1), persistent=False)
@@ -54,26 +56,36 @@ class Classifier(nn.Module):
         # after augmentation and normalisation: the batched uint8 augmentation runs at the packed size
         return F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=x.shape[-1] > side)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) normalised images -> (N, D) pooled features; with `taps`, followed by the mean and
-        the std over space of the activations (N, C_i, h, w) entering each tap, in forward order (N, 2 C_i)."""
+    def features(self, x: torch.Tensor, *, given: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, 3, H, W) normalised images -> (N, D) pooled features; with `taps`, followed by each tap
+        stage's statistics (`tap_statistics`), in forward order.
+
+        `given` (N, S): the statistics of the taps below a consistency student's cut, computed once per
+        view (sstl.train.consistency): the forward then starts at the cut, and those taps see no rows."""
         if not self.taps:
             return self.backbone(x)
         seen: list[torch.Tensor] = []
-
-        def grab(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            seen.append(args[0])  # registered last: after a hook that replaces the input (the consistency cut)
-
-        handles = [tap.register_forward_pre_hook(grab) for tap in self.taps]
+        handles = [tap.register_forward_hook(lambda _m, _a, out: seen.append(out)) for tap in self.taps]
         try:
             pooled = self.backbone(x)
         finally:
             for handle in handles:
                 handle.remove()
-        stats = [torch.cat([a.mean((2, 3)), a.std((2, 3), correction=0)], 1) for a in seen]
-        # each tap's statistics standardised per photo: a mid-level activation's scale (several times the
-        # pooled features') would otherwise drown the pooled features in the head
-        return torch.cat([pooled, *(F.layer_norm(s, s.shape[1:]) for s in stats)], 1)
+        if given is None:
+            return torch.cat([pooled, *self.tap_statistics(seen)], 1)
+        live = [a for a in seen if a.shape[0]]  # the taps at or above the cut
+        return torch.cat([pooled, given.to(pooled.dtype), *self.tap_statistics(live)], 1)
+
+    def tap_statistics(self, acts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Tap stages' outputs [(N, C_i, h, w)] -> [(N, S_i)]: per channel, the std over space (with
+        `tap_stats` mean_std, the mean first), each stage's vector standardised per photo: a mid-level
+        activation's scale (several times the pooled features') would otherwise drown the pooled features."""
+        parts = []
+        for a in acts:
+            s = a.std((2, 3), correction=0)
+            s = torch.cat([a.mean((2, 3)), s], 1) if self.tap_stats == "mean_std" else s
+            parts.append(F.layer_norm(s, s.shape[1:]))
+        return parts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -91,13 +103,33 @@ class Ensemble(Classifier):
         first, *others = members
         if any(m.data != first.data for m in others):
             raise ValueError("an ensemble's members must preprocess alike (one backbone's data config)")
-        super().__init__(first.backbone, list(first.blocks), first.head, first.data, first.taps)
+        super().__init__(first.backbone, list(first.blocks), first.head, first.data, first.taps, first.tap_stats)
         self.others = nn.ModuleList(others)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = [super().forward(x), *(m(x) for m in self.others)]  # each (N, C)
         logp = torch.stack([F.log_softmax(z.float(), 1) for z in logits])  # (members, N, C)
         return torch.logsumexp(logp, 0) - math.log(len(logits))
+
+
+def stage_module(backbone: nn.Module, blocks: list[nn.Module], group: int) -> nn.Module:
+    """The largest module of `backbone` that starts `blocks[group]` and holds nothing of the groups below
+    it: the whole stage (EfficientNet's `blocks.5` for group 6, ResNet's `layer3`), so that no residual
+    reaches across its input or its output. A consistency student cuts before it; a tap reads its output."""
+    modules = dict(backbone.named_modules())
+    names = {id(m): name for name, m in modules.items()}
+    below = {names[id(m)] for block in blocks[:group] for m in block.modules() if id(m) in names}
+    first = blocks[group]
+    if id(first) not in names:  # timm's groups: a list of the backbone's modules, not one of them
+        first = next(m for m in first.modules() if id(m) in names)
+    chosen = names[id(first)]
+    parts = chosen.split(".")
+    for k in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:k])
+        if any(b == prefix or b.startswith(prefix + ".") for b in below):
+            break
+        chosen = prefix
+    return modules[chosen]
 
 
 def make_head(in_dim: int, num_classes: int, cfg: ModelConfig) -> nn.Sequential:

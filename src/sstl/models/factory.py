@@ -27,7 +27,7 @@ from torch import nn
 from sstl.config.model import MEAN, STD, DataConfig, ModelConfig
 from sstl.core.errors import SstlError
 from sstl.models.architectures import ARCHS, CONVNETS, airbench, convnet, max_pooled, sequential
-from sstl.models.classifier import Classifier, make_head
+from sstl.models.classifier import Classifier, make_head, stage_module
 from sstl.models.weights import (
     file_state,
     imagenet_state_dict,
@@ -158,26 +158,26 @@ def create_model(cfg: ModelConfig, num_classes: int) -> Classifier:
     sstl_ckpt: dict[str, Any] | None = payload if is_sstl else None
     backbone, blocks, width = family_of(cfg.arch).build(cfg, payload, sstl_ckpt is None)
     data = data_config(cfg.arch).model_copy(update={"resize": cfg.resize})
-    taps = _taps(cfg, blocks[-1])
-    if taps:  # the head's width: the pooled features and two statistics per channel entering each tap
-        width = _feature_width(Classifier(backbone, blocks, nn.Identity(), data, taps))
-    model = Classifier(backbone, blocks, make_head(width, num_classes, cfg), data, taps)
+    taps = _taps(cfg, backbone, blocks)
+    if taps:  # the head's width: the pooled features and the statistics of each tap stage
+        width = _feature_width(Classifier(backbone, blocks, nn.Identity(), data, taps, cfg.tap_stats))
+    model = Classifier(backbone, blocks, make_head(width, num_classes, cfg), data, taps, cfg.tap_stats)
     if sstl_ckpt is not None:
         load_sstl_backbone(model, sstl_ckpt, cfg)
     return model
 
 
-def _taps(cfg: ModelConfig, top: nn.Module) -> tuple[nn.Module, ...]:
-    """The first `cfg.taps` modules of the backbone's top group, in order (`ModelConfig.taps`)."""
+def _taps(cfg: ModelConfig, backbone: nn.Module, blocks: list[nn.Module]) -> tuple[nn.Module, ...]:
+    """The stages of the top `cfg.taps` groups, in order (`ModelConfig.taps`): each group's `stage_module`."""
     if not cfg.taps:
         return ()
-    modules = list(top) if isinstance(top, nn.ModuleList) else list(top.children())
-    if cfg.taps > len(modules):
+    n = len(blocks)
+    if cfg.taps >= n:
         raise SstlError(
-            f"taps is {cfg.taps}, but the top group of {cfg.arch} has {len(modules)} modules: set taps to at most "
-            f"{len(modules)} (0: the pooled features alone)"
+            f"taps is {cfg.taps}, but {cfg.arch} has {n - 1} groups above its stem: set taps to at most {n - 1} "
+            "(0: the pooled features alone)"
         )
-    return tuple(modules[: cfg.taps])
+    return tuple(stage_module(backbone, blocks, g) for g in range(n - cfg.taps, n))
 
 
 def _feature_width(model: Classifier) -> int:

@@ -46,7 +46,7 @@ from sstl.config.train import ConsistencyConfig, TrainConfig
 from sstl.core.errors import DivergedError, SstlError
 from sstl.data.dataset import ImageSet
 from sstl.data.transforms import Augmenter
-from sstl.models.classifier import Classifier, set_trainable, train_mode
+from sstl.models.classifier import Classifier, set_trainable, stage_module, train_mode
 from sstl.runtime.device import Runtime
 from sstl.runtime.distributed import world
 from sstl.train.loop import FitResult, seed_everything
@@ -79,31 +79,42 @@ class Split:
                 f"{n} groups of its backbone, on the activations of the frozen rest: set it in that range"
             )
         self.model = model
-        self.entry = _entry_module(model, n - top)
-        self._side = 0
+        self.entry = stage_module(model.backbone, list(model.blocks), n - top)
+        self._side, self._shape = 0, tuple[int, ...]()  # the input's side and the cut's (C, h, w): set by bottom
 
     def bottom(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) preprocessed images -> the activations entering the cut (inference)."""
+        """(N, 3, H, W) preprocessed images -> the activations entering the cut (inference): (N, C, h, w);
+        with taps below the cut, each row flattened and followed by those taps' statistics, (N, C h w + S)."""
         caught: list[torch.Tensor] = []
+        tapped: list[torch.Tensor] = []
 
         def grab(_module: nn.Module, args: tuple[Any, ...]) -> None:
             caught.append(args[0])
             raise _Stop
 
-        handle = self.entry.register_forward_pre_hook(grab)
+        handles = [tap.register_forward_hook(lambda _m, _a, out: tapped.append(out)) for tap in self.model.taps]
+        handles.append(self.entry.register_forward_pre_hook(grab))
         try:
             self.model.backbone(x)
         except _Stop:
             pass
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         if not caught:
             raise SstlError("the backbone never reached its top groups: it cannot train as a consistency student")
-        self._side = int(x.shape[-1])
-        return caught[0]
+        self._side, self._shape = int(x.shape[-1]), tuple(caught[0].shape[1:])
+        if not tapped:
+            return caught[0]
+        act = caught[0]
+        return torch.cat([act.flatten(1), *(s.to(act.dtype) for s in self.model.tap_statistics(tapped))], 1)
 
     def pooled(self, act: torch.Tensor) -> torch.Tensor:
-        """Activations at the cut (N, ...) -> the model's features (N, D): pooled, and its taps'."""
+        """What `bottom` gives (N, ...) -> the model's features (N, D): pooled, and its taps'."""
+        given = None
+        if act.dim() == 2:  # packed: the activations, then the statistics of the taps below the cut
+            size = math.prod(self._shape)
+            act, given = act[:, :size].reshape(-1, *self._shape), act[:, size:]
 
         def put(_module: nn.Module, _args: tuple[Any, ...]) -> tuple[torch.Tensor]:
             return (act,)
@@ -111,27 +122,13 @@ class Split:
         handle = self.entry.register_forward_pre_hook(put)
         try:
             empty = act.new_zeros((0, 3, self._side, self._side))  # the bottom computes nothing
-            return self.model.features(empty)  # with the model's taps at or above the cut
+            return self.model.features(empty, given=given)  # the taps above the cut from `act`
         finally:
             handle.remove()
 
-
-def _entry_module(model: Classifier, group: int) -> nn.Module:
-    """The module the cut goes before: see `Split`."""
-    modules = dict(model.backbone.named_modules())
-    names = {id(m): name for name, m in modules.items()}
-    below = {names[id(m)] for block in model.blocks[:group] for m in block.modules() if id(m) in names}
-    first = model.blocks[group]
-    if id(first) not in names:  # timm's groups: a list of the backbone's modules, not one of them
-        first = next(m for m in first.modules() if id(m) in names)
-    chosen = names[id(first)]
-    parts = chosen.split(".")
-    for k in range(len(parts) - 1, 0, -1):
-        prefix = ".".join(parts[:k])
-        if any(b == prefix or b.startswith(prefix + ".") for b in below):
-            break
-        chosen = prefix
-    return modules[chosen]
+    def like(self, other: Split) -> None:
+        """Read what `other.bottom` gave (the mean teacher's twin reads the student's cached views)."""
+        self._side, self._shape = other._side, other._shape
 
 
 class Top(nn.Module):
@@ -290,7 +287,7 @@ def fit_consistency(
         twin = copy.deepcopy(model).requires_grad_(False).eval()
         averaged = [q for q, p in zip(twin.parameters(), model.parameters(), strict=True) if p.requires_grad]
         judge = Top(Split(twin, cfg.unfreeze_blocks))
-        judge.split._side = split._side
+        judge.split.like(split)
     # DST's pseudo head: the strong views' losses train it, not the model's head (None: they train that one)
     aux = copy.deepcopy(model.head).requires_grad_(True) if ccfg.pseudo_head else None
     groups = [
