@@ -250,8 +250,9 @@ def render(r: dict) -> str:
             lines.append(f"| {name}{use} | {f(m[k]['test'])} | {f(m[k]['test_add'])} |")
     ub = r.get("upper_bound")
     if ub:
+        at = f" (measured at commit {ub['commit'][:7]})" if ub.get("commit", r["commit"]) != r["commit"] else ""
         lines.append(
-            f"| upper bound: {ub['arch']}, all {ub['n_train'] + ub['n_val']} train labels | "
+            f"| upper bound: {ub['arch']}, all {ub['n_train'] + ub['n_val']} train labels{at} | "
             f"{f(ub['test'])} | {f(ub['test_add'])} |"
         )
     lines += [
