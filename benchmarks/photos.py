@@ -6,6 +6,8 @@
     python benchmarks/photos.py --keep-upper-bound       # each set's upper bound from the JSON (it trains the
                                                          #   teacher's recipe only: unchanged by student changes)
     python benchmarks/photos.py --sets weather4 --seeds 42,1,2   # the table from seed 42, a line over all three
+    python benchmarks/photos.py --out reports/benchmarks/photos-amd --skip-upper   # another machine's run,
+                                                         #   beside the committed tables, not over them
 
 Each set is a folder `train/<class>/` + `test/<class>/` (+ `validation/<class>/`, test-add) under
 ~/.cache/sstl-data/ (see SETS). benchmarks/photo-sets/<set>.md says where its photos come from, their
@@ -42,8 +44,7 @@ import clothing  # noqa: E402
 from sstl.core.files import write_json, write_text  # noqa: E402
 
 DATA = Path.home() / ".cache" / "sstl-data"
-OUT_JSON = ROOT / "reports/benchmarks/photos.json"
-OUT_MD = ROOT / "reports/benchmarks/photos.md"
+OUT = ROOT / "reports/benchmarks/photos"  # .json and .md
 PER_CLASS = 20
 
 
@@ -257,6 +258,8 @@ def main() -> None:
     ap.add_argument(
         "--keep-upper-bound", action="store_true", help="keep each set's all-labels upper bound from the JSON"
     )
+    ap.add_argument("--skip-upper", action="store_true", help="no all-labels upper bound (neither trained nor kept)")
+    ap.add_argument("--out", type=Path, default=OUT, help=f"the tables' path without suffix (default {OUT})")
     ap.add_argument(
         "--seeds", default="", help="comma-separated training seeds, each a whole run (default: params.yaml's seed)"
     )
@@ -265,7 +268,8 @@ def main() -> None:
         seeds: list[int | None] = [int(s) for s in args.seeds.split(",") if s.strip()] or [None]
     except ValueError:
         raise SystemExit(f"error: --seeds {args.seeds!r}: whole numbers separated by commas, e.g. 42,1,2") from None
-    records = json.loads(OUT_JSON.read_text()) if OUT_JSON.is_file() else {}
+    out_json, out_md = args.out.with_suffix(".json"), args.out.with_suffix(".md")
+    records = json.loads(out_json.read_text()) if out_json.is_file() else {}
     if not args.render:
         for name in (s for s in args.sets.split(",") if s):
             if name not in SETS:
@@ -275,17 +279,17 @@ def main() -> None:
             runs: dict[str, dict] = {}
             for k, seed in enumerate(seeds):
                 # the upper bound is the teacher's recipe on every label: measured once, at the first seed
-                run = run_set(name, SETS[name], upper_bound=kept, seed=seed, with_upper=k == 0)
+                run = run_set(name, SETS[name], upper_bound=kept, seed=seed, with_upper=k == 0 and not args.skip_upper)
                 runs[str(run["seed"])] = {key: run[key] for key in ("models", "use", "commit", "date")}
                 if k == 0:
                     records[name] = run
                     if kept is not None:
                         records[name]["upper_bound_commit"] = before.get("upper_bound_commit", before["commit"])
                 records[name]["seeds"] = runs
-                write_json(OUT_JSON, records)  # each set's figures are kept even if a later set or seed fails
-                write_text(OUT_MD, render(records))
-    write_text(OUT_MD, render({k: records[k] for k in SETS if k in records}))
-    print(OUT_MD.read_text())
+                write_json(out_json, records)  # each set's figures are kept even if a later set or seed fails
+                write_text(out_md, render(records))
+    write_text(out_md, render({k: records[k] for k in SETS if k in records}))
+    print(out_md.read_text())
 
 
 if __name__ == "__main__":
