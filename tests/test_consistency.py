@@ -43,6 +43,8 @@ def test_the_cut_backbone_computes_what_the_whole_one_does(arch: str, weights: s
         assert act.shape[0] == 3 and act.shape[1:] != x.shape[1:]  # an inner activation, not the images
         assert (act.dim() == 2) == (taps > top)  # packed rows only where a tap is below the cut
         assert torch.allclose(split.pooled(act), model.features(x), atol=1e-6)
+    # the bottom stops the forward at the cut by raising: every hook it and the taps set is gone after it
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     # a residual never crosses the cut: the module it goes before holds no parameter of the groups below
     below = {id(p) for block in model.blocks[: len(model.blocks) - top] for p in block.parameters()}
     assert not below & {id(p) for p in split.entry.parameters()}

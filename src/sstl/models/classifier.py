@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -64,17 +66,23 @@ class Classifier(nn.Module):
         view (sstl.train.consistency): the forward then starts at the cut, and those taps see no rows."""
         if not self.taps:
             return self.backbone(x)
-        seen: list[torch.Tensor] = []
-        handles = [tap.register_forward_hook(lambda _m, _a, out: seen.append(out)) for tap in self.taps]
-        try:
+        with self.tapped() as seen:
             pooled = self.backbone(x)
-        finally:
-            for handle in handles:
-                handle.remove()
         if given is None:
             return torch.cat([pooled, *self.tap_statistics(seen)], 1)
         live = [a for a in seen if a.shape[0]]  # the taps at or above the cut
         return torch.cat([pooled, given.to(pooled.dtype), *self.tap_statistics(live)], 1)
+
+    @contextmanager
+    def tapped(self) -> Iterator[list[torch.Tensor]]:
+        """Within: each tap stage's output [(N, C_i, h, w)], appended in forward order as the backbone runs."""
+        seen: list[torch.Tensor] = []
+        handles = [tap.register_forward_hook(lambda _m, _a, out: seen.append(out)) for tap in self.taps]
+        try:
+            yield seen
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def tap_statistics(self, acts: list[torch.Tensor]) -> list[torch.Tensor]:
         """Tap stages' outputs [(N, C_i, h, w)] -> [(N, S_i)]: per channel, the std over space (with

@@ -86,21 +86,19 @@ class Split:
         """(N, 3, H, W) preprocessed images -> the activations entering the cut (inference): (N, C, h, w);
         with taps below the cut, each row flattened and followed by those taps' statistics, (N, C h w + S)."""
         caught: list[torch.Tensor] = []
-        tapped: list[torch.Tensor] = []
 
         def grab(_module: nn.Module, args: tuple[Any, ...]) -> None:
             caught.append(args[0])
             raise _Stop
 
-        handles = [tap.register_forward_hook(lambda _m, _a, out: tapped.append(out)) for tap in self.model.taps]
-        handles.append(self.entry.register_forward_pre_hook(grab))
+        handle = self.entry.register_forward_pre_hook(grab)
         try:
-            self.model.backbone(x)
+            with self.model.tapped() as tapped:  # the taps below the cut: those above never run
+                self.model.backbone(x)
         except _Stop:
             pass
         finally:
-            for handle in handles:
-                handle.remove()
+            handle.remove()
         if not caught:
             raise SstlError("the backbone never reached its top groups: it cannot train as a consistency student")
         self._side, self._shape = int(x.shape[-1]), tuple(caught[0].shape[1:])
@@ -329,6 +327,8 @@ def fit_consistency(
         for epoch in range(resumed + 1, cfg.epochs + 1):
             t0 = time.perf_counter()
             train_mode(model, cfg.unfreeze_blocks, freeze_bn=cfg.freeze_bn)
+            if aux is not None:  # outside the model: its dropout set by hand, as train_mode sets the head's
+                aux.train()
             sums = dict.fromkeys(("loss", "labelled", "unlabelled", "distill", "mask", "correct"), 0.0)
             order = torch.randperm(len(kept), generator=generator)
             labelled = _cycle(len(train), cfg.batch_size * steps, generator)
