@@ -255,10 +255,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="photo benchmark suite (real photos, the photo profile)")
     ap.add_argument("--sets", default=",".join(SETS), help=f"comma-separated, of: {', '.join(SETS)}")
     ap.add_argument("--render", action="store_true", help="only re-render the markdown from the JSON")
-    ap.add_argument(
+    upper = ap.add_mutually_exclusive_group()
+    upper.add_argument(
         "--keep-upper-bound", action="store_true", help="keep each set's all-labels upper bound from the JSON"
     )
-    ap.add_argument("--skip-upper", action="store_true", help="no all-labels upper bound (neither trained nor kept)")
+    upper.add_argument("--skip-upper", action="store_true", help="no all-labels upper bound (neither trained nor kept)")
     ap.add_argument("--out", type=Path, default=OUT, help=f"the tables' path without suffix (default {OUT})")
     ap.add_argument(
         "--seeds", default="", help="comma-separated training seeds, each a whole run (default: params.yaml's seed)"
