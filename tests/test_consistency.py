@@ -1,6 +1,6 @@
 """The consistency student (sstl.train.consistency): the cut backbone computes what the whole one does,
-FixMatch on real digits beats the same training without the unlabelled photos, and a killed run
-resumes to the same bytes."""
+FixMatch on real digits beats the same training without the unlabelled photos, a killed run
+resumes to the same bytes, the sharpened targets and the labelled loss's smoothing do what they say."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from sstl.models.factory import create_model
 from sstl.models.inference import infer
 from sstl.pipeline.train import build_model
 from sstl.runtime.device import CPU, Runtime
-from sstl.train.consistency import Pool, Split, fit_consistency
+from sstl.train.consistency import Pool, Split, Targets, fit_consistency
 from sstl.train.setup import FitSetup
 
 DIGITS_AUGMENT = AugmentConfig(hflip=False, crop_scale=0.7, rotate=15, translate=0.1, color=0.4, blur_noise=0.3)
@@ -174,3 +174,46 @@ def test_the_pseudo_head_keeps_the_strong_views_loss_off_the_model_head(digits: 
     labelled_only = head_after(0.0, pseudo_head=True)
     assert torch.equal(head_after(1.0, pseudo_head=True), labelled_only)
     assert not torch.allclose(head_after(1.0, pseudo_head=False), labelled_only, atol=1e-3)
+
+
+def test_a_temperature_makes_the_targets_sharpened_distributions_under_the_same_mask() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(64, 5) * 2
+    prior = torch.full((5,), 0.2)
+
+    def call(temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = ConsistencyConfig(threshold=0.6, flex=False, align=False, temperature=temperature)
+        return Targets(cfg, prior, pool_size=64, runtime=CPU)(logits, torch.arange(64))
+
+    hard, hard_mask = call(0.0)
+    soft, soft_mask = call(0.5)
+    p = logits.softmax(1)
+    assert hard.shape == (64,) and soft.shape == (64, 5)
+    assert torch.equal(soft_mask, hard_mask) and 0 < float(hard_mask.mean()) < 1  # some rows masked, some not
+    assert torch.allclose(soft.sum(1), torch.ones(64))
+    assert torch.equal(soft.argmax(1), hard)  # the weak view's class stays the target's mode
+    assert bool((soft.max(1).values > p.max(1).values).all())  # and gains confidence
+    assert torch.allclose(soft, p**2 / (p**2).sum(1, keepdim=True), atol=1e-6)  # T 0.5: p squared, renormalised
+    assert bool((call(0.1)[0].max(1).values >= soft.max(1).values).all())  # lower T, sharper (T -> 0: the hard label)
+
+
+def test_the_schedules_label_smoothing_reaches_the_labelled_loss(digits: dict[str, ImageSet]) -> None:
+    # the weights held still (an lr far below float32's resolution of them), the head the probe of the
+    # labelled rows: each row's class is more likely than the others, so the smoothed cross-entropy (part of
+    # the target spread over every class) is higher than the plain one. Ignored, as it once was, both match
+    pool = _pool(digits["unlabeled"].subset(torch.arange(64)), 10)
+
+    def labelled_loss(smoothing: float) -> float:
+        cfg = TrainConfig(epochs=1, lr=1e-30, finetune_lr=1e-30, unfreeze_blocks=1, batch_size=16, freeze_bn=True,
+                          label_smoothing=smoothing)  # fmt: skip
+        model = build_model(ModelConfig(arch="convnet_s", weights="none", head_layers=0, dropout=0.0), 10, seed=0)
+        setup = FitSetup(num_classes=10, seed=0, runtime=CPU, augment=augmenter(DIGITS_AUGMENT, 64, 0))
+        result = fit_consistency(
+            model, digits["labeled"], digits["val"], cfg, setup, pool=pool,
+            consistency=ConsistencyConfig(flip=False, strong_views=1, weight=0.0),
+            head_init=_probe_init(digits["labeled"]),  # type: ignore[arg-type]
+        )  # fmt: skip
+        return result.history[0]["labelled_loss"]
+
+    plain, smoothed = labelled_loss(0.0), labelled_loss(0.3)
+    assert smoothed > plain + 0.1, (plain, smoothed)

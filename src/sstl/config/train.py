@@ -109,6 +109,13 @@ class ConsistencyConfig(BaseModel):
         True, description="the mirror image is a weak view too (2 weak views per photo); off for digits, text"
     )
     threshold: float = Field(0.95, gt=0.0, lt=1.0, description="FixMatch's confidence threshold tau")
+    temperature: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="the strong view's target: 0, the weak view's class (FixMatch's hard label); T > 0, the weak "
+        "view's aligned distribution sharpened at T (p^(1/T), renormalised: UDA, MixMatch), under the same mask",
+    )
     flex: bool = Field(
         True, description="FlexMatch: each class's threshold scaled by how much of the pool it has learnt (warm-up)"
     )

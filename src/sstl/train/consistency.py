@@ -8,8 +8,9 @@ groups and the head then see every view of the pool for many epochs in the time 
 whole network would take.
 
 One step, B labelled rows and mu*B unlabelled ones, one forward pass over all three parts:
-  loss = CE(labelled weak view, its label)
+  loss = CE(labelled weak view, its label)                  (smoothed by the schedule's label_smoothing)
        + weight  * mean(mask * CE(strong view, argmax q))     q: the weak view's prediction, aligned, no grad
+                                                              (`temperature` T > 0: q^(1/T), renormalised)
        + distill * CE(strong view, the teacher's soft target)  (the rows the pseudolabel stage selected)
   mask: max q >= threshold * M(beta_c), M(b) = b / (2 - b) (FlexMatch); beta_c is the share of the pool
   confidently predicted as c over the largest of those shares and the not yet confident rows, so every
@@ -205,8 +206,8 @@ class Targets:
         self.learnt = torch.full((pool_size,), -1, dtype=torch.int64)  # each pool row's confident class, or -1
 
     def __call__(self, weak_logits: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, C) logits of the weak views of `rows` (positions in the screened pool) -> (hard targets (B,),
-        mask (B,) of 0/1)."""
+        """(B, C) logits of the weak views of `rows` (positions in the screened pool) -> (targets: hard (B,),
+        or with `temperature` sharpened distributions (B, C); mask (B,) of 0/1)."""
         cfg = self.cfg
         p = weak_logits.detach().softmax(1)
         if cfg.align:  # towards the prior, away from what the model over-predicts lately
@@ -225,7 +226,11 @@ class Targets:
                 effect, unused = effect / (self.prior.cpu() * n).clamp(min=1.0), unused / n
             beta = effect / max(float(effect.max()), unused, 1e-12)  # 0 for all while nothing is confident
             tau = tau * self.runtime.put(beta / (2 - beta))  # FlexMatch's convex mapping
-        return guess, (conf >= tau[guess]).float()
+        mask = (conf >= tau[guess]).float()
+        if cfg.temperature > 0:  # the weak view's ranking of the other classes kept, its confidence sharpened
+            sharp = p ** (1 / cfg.temperature)
+            return sharp / sharp.sum(1, keepdim=True), mask
+        return guess, mask
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"learnt": self.learnt.clone(), "mean": self.mean.cpu().clone()}
@@ -354,9 +359,9 @@ def fit_consistency(
                         with torch.no_grad():
                             l_w = judge(runtime.put(x_w)).float()
                 y = runtime.put(train.labels[li])
-                guess, mask = targets(l_w, at)
-                loss_l = F.cross_entropy(l_l, y)
-                loss_u = (F.cross_entropy(l_s, guess, reduction="none") * mask).mean()
+                target, mask = targets(l_w, at)
+                loss_l = F.cross_entropy(l_l, y, label_smoothing=cfg.label_smoothing)
+                loss_u = (F.cross_entropy(l_s, target, reduction="none") * mask).mean()
                 loss_d = torch.zeros((), device=loss_l.device)
                 chosen = pool.chosen[ui]
                 if ccfg.distill > 0 and bool(chosen.any()):  # the teacher's soft pseudo-labels, where it made one
