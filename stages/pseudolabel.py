@@ -8,7 +8,8 @@
 <TEACHER> is a teacher of params.yaml's `rounds`. Writes the selected rows (`--labels`: hard labels)
 and, row for row, the teacher's distribution softmax(logits / temperature) of each row's image
 (`--probs`, float32 (rows, classes): soft labels). With `pseudolabel.with_probe` the teacher is the
-ensemble of itself and the frozen-feature probe of its backbone (from `--probes`, the probe stage's).
+ensemble of itself and the frozen-feature probe of its backbone (from `--probes`, the probe stage's),
+and the probes of `probe.extra`'s backbones.
 
 The pool is streamed shard by shard and the running selection saved after each shard, so a killed
 run resumes where it stopped. Several processes: `torchrun --standalone --nproc_per_node N
@@ -29,7 +30,7 @@ from sstl.data.dataset import load_classes, load_images
 from sstl.models.checkpoint import load_checkpoint
 from sstl.models.classifier import Ensemble
 from sstl.params import load_params
-from sstl.pipeline.pseudolabel import probe_of, pseudolabel
+from sstl.pipeline.pseudolabel import extra_probes, probe_of, pseudolabel
 from sstl.pipeline.stage import add_paths, parse_paths, stage_main
 from sstl.pseudo.pool import clear_state
 from sstl.runtime.distributed import distributed
@@ -48,8 +49,8 @@ def main() -> None:
     model, meta = load_checkpoint(out.model, runtime.device)
     scored_by = [rnd.teacher]
     if p.pseudolabel.with_probe:
-        name, probe = probe_of(meta, out.probes, runtime.device)
-        model, scored_by = Ensemble([model, probe]), [rnd.teacher, name]
+        members = [probe_of(meta, out.probes, runtime.device), *extra_probes(p.probe.extra, out.probes, runtime.device)]
+        model, scored_by = Ensemble([model, *(m for _, m in members)]), [rnd.teacher, *(n for n, _ in members)]
     classes = load_classes(out.data)
     with distributed(runtime) as (rank, _):
         run: AbstractContextManager[Any] = nullcontext()

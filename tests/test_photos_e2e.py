@@ -34,6 +34,7 @@ SMALL = {  # the photo profile, shrunk to a test's budget
     "pseudolabel": {"top_k": 8},
     "student": {"epochs": 2},
     "finetune": {"epochs": 1},
+    "probe": {"extra": ["tf_efficientnet_lite1"]},  # a third frozen backbone: a baseline and a view in the targets
 }
 
 
@@ -128,8 +129,9 @@ def test_photo_profile_trains_on_real_photos_with_imagenet_weights(
     assert tuple(teacher["data"]["mean"]) == (0.5, 0.5, 0.5), "lite's own normalisation, recorded"
     assert teacher["interpolation"] == "bicubic" and teacher["image_size"] == 64
     assert (repo / ".sstl-state/features").is_dir(), "tune and teacher trained phase 1 on cached features"
-    # the profile's distillation targets: the teacher and Lite0's frozen probe score the pool together
+    # the profile's distillation targets: the teacher and Lite0's frozen probe (and probe.extra's) score the pool
     selection = json.loads((repo / "reports/pseudolabel/teacher/summary.json").read_text())
-    assert selection["scored_by"] == ["teacher", "probe"], selection
+    assert selection["scored_by"] == ["teacher", "probe", "probe_tf_efficientnet_lite1"], selection
+    assert baseline["probe_tf_efficientnet_lite1"]["arch"] == "tf_efficientnet_lite1", baseline
     curve = (repo / "reports/curves/student.csv").read_text().splitlines()
     assert len(curve) == 1 + 2 and "mask_rate" in curve[0], "the student: 2 passes of consistency over the pool"

@@ -123,3 +123,45 @@ def test_the_teacher_with_its_probe_scores_the_mean_of_their_distributions(tmp_p
     meta["model"]["arch"] = "convnet_l"  # a teacher no probe shares a backbone with
     with pytest.raises(SstlError, match=r"no probe of the teacher's backbone \(convnet_l.*probe.enabled: true"):
         probe_of(meta, probes)
+
+
+def test_extra_backbones_are_probed_once_and_join_the_teachers_ensemble(tmp_path: Path) -> None:
+    """probe.extra: the probe stage fits a probe of each listed ImageNet backbone beside the teacher's and
+    the student's (probe_<arch>, one per backbone); with pseudolabel.with_probe they join the ensemble after
+    the teacher's probe, even where the backbone was trained at another side (Lite1: 240 px, Lite0: 224)."""
+    from sstl.params import Params
+    from sstl.pipeline.probe import backbones
+    from sstl.pipeline.pseudolabel import extra_probes
+
+    lite = {"weights": "imagenet", "head_layers": 0}
+    p = Params.model_validate(
+        {
+            "teacher": {"arch": "tf_efficientnet_lite0", **lite},
+            "student": {"arch": "tf_efficientnet_lite2", **lite},
+            "probe": {"extra": ["tf_efficientnet_lite1", "tf_efficientnet_lite0"]},  # Lite0 is the teacher's
+        }
+    )
+    found = backbones(p, tmp_path / "pretrain.pt")
+    assert list(found) == ["probe", "probe_student", "probe_tf_efficientnet_lite1"]
+    assert (found["probe_tf_efficientnet_lite1"].arch, found["probe_tf_efficientnet_lite1"].weights) == (
+        "tf_efficientnet_lite1",
+        "imagenet",
+    )
+
+    probes, classes = tmp_path / "probes", ["0", "1", "2"]
+    for name, cfg in found.items():
+        if name != "probe_student":
+            save_checkpoint(probes / f"{name}.pt", create_model(cfg, 3), cfg, classes, 32)
+    [(name, lite1)] = extra_probes(["tf_efficientnet_lite1"], probes)
+    assert name == "probe_tf_efficientnet_lite1" and lite1.data.input_size != 224
+    with pytest.raises(SstlError, match=r"no probe of probe.extra's tf_efficientnet_lite2 .*dvc repro probe"):
+        extra_probes(["tf_efficientnet_lite2"], probes)
+
+    teacher, _ = load_checkpoint(probes / "probe.pt")  # a Lite0 network as the teacher
+    images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+    p_teacher, p_lite1 = (infer(m, images, runtime=CPU).softmax(1) for m in (teacher, lite1))
+    both = infer(Ensemble([teacher, lite1]), images, runtime=CPU).softmax(1)
+    assert torch.allclose(both, (p_teacher + p_lite1) / 2, atol=1e-5)
+    other = create_model(ModelConfig(arch="convnet_s", weights="none", head_layers=0), 3)  # ImageNet's mean and std
+    with pytest.raises(ValueError, match="must preprocess alike"):
+        Ensemble([teacher, other])

@@ -219,6 +219,11 @@ class ProbeParams(Strict):
         description="inverse L2 strengths the cross-validation chooses among",
     )
     max_iter: int = Field(2000, ge=10)
+    extra: list[str] = Field(
+        default_factory=list,
+        description="ImageNet backbones (archs) probed beside the teacher's and the student's, as `probe_<arch>`: "
+        "more baselines, and with pseudolabel.with_probe more frozen views of the pool in the distillation targets",
+    )
 
     @field_validator("C")
     @classmethod

@@ -6,6 +6,7 @@ import hashlib
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +100,12 @@ class Classifier(nn.Module):
         return self.head(self.features(x))
 
 
+def _pixels(data: DataConfig) -> dict[str, Any]:
+    """What preprocessing does to a batch under `data`: the side a backbone was trained at is left out
+    unless it is fixed (images reach every member at the prepared side; Lite0 and Lite1 take the same)."""
+    return data.model_dump(exclude=set() if data.fixed_input_size else {"input_size"})
+
+
 class Ensemble(Classifier):
     """Several classifiers of one backbone's preprocessing as one: the mean of their distributions, as
     logits (log of the mean softmax, so softmax gives it back); features are the first member's.
@@ -109,8 +116,8 @@ class Ensemble(Classifier):
 
     def __init__(self, members: list[Classifier]) -> None:
         first, *others = members
-        if any(m.data != first.data for m in others):
-            raise ValueError("an ensemble's members must preprocess alike (one backbone's data config)")
+        if any(_pixels(m.data) != _pixels(first.data) for m in others):
+            raise ValueError("an ensemble's members must preprocess alike (the same normalisation and resizing)")
         super().__init__(first.backbone, list(first.blocks), first.head, first.data, first.taps, first.tap_stats)
         self.others = nn.ModuleList(others)
 

@@ -32,6 +32,10 @@ def backbones(p: Params, pretrain: Path) -> dict[str, ModelConfig]:
         )
         if all((probe.arch, probe.weights) != (f.arch, f.weights) for f in found.values()):
             found[NAMES[role]] = probe
+    for arch in p.probe.extra:  # frozen ImageNet backbones neither model uses
+        probe = ModelConfig(arch=arch, weights="imagenet", head_layers=0, dropout=0.0)
+        if all((probe.arch, probe.weights) != (f.arch, f.weights) for f in found.values()):
+            found[f"probe_{arch}"] = probe
     return found
 
 

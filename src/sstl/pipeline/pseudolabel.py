@@ -109,6 +109,23 @@ def probe_of(teacher: dict[str, Any], probes: Path, device: torch.device | str =
     )
 
 
+def extra_probes(archs: list[str], probes: Path, device: torch.device | str = "cpu") -> list[tuple[str, Classifier]]:
+    """(name, model) of the probe stage's probe of each ImageNet backbone of `archs` (params probe.extra), in
+    that order: frozen backbones neither teacher nor student fine-tunes, which err on other photos."""
+    found: dict[str, tuple[str, Classifier]] = {}
+    for path in sorted(Path(probes).glob("*.pt")):
+        model, meta = load_checkpoint(path, device)
+        if meta["model"]["weights"] == "imagenet" and meta["model"]["arch"] in archs:
+            found[meta["model"]["arch"]] = (path.stem, model)
+    missing = [a for a in archs if a not in found]
+    if missing:
+        raise SstlError(
+            f"pseudolabel.with_probe: no probe of probe.extra's {', '.join(missing)} in {probes}: re-run the probe "
+            "stage (dvc repro probe)"
+        )
+    return [found[a] for a in archs]
+
+
 def _ood_filter(
     model: Classifier, images: Any, prepared: Path, index: torch.Tensor, quantile: float, *, runtime: Runtime
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
