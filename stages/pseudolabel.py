@@ -30,7 +30,7 @@ from sstl.data.dataset import load_classes, load_images
 from sstl.models.checkpoint import load_checkpoint
 from sstl.models.classifier import Ensemble
 from sstl.params import load_params
-from sstl.pipeline.pseudolabel import extra_probes, probe_of, pseudolabel
+from sstl.pipeline.pseudolabel import probes_of, pseudolabel
 from sstl.pipeline.stage import add_paths, parse_paths, stage_main
 from sstl.pseudo.pool import clear_state
 from sstl.runtime.distributed import distributed
@@ -49,7 +49,7 @@ def main() -> None:
     model, meta = load_checkpoint(out.model, runtime.device)
     scored_by = [rnd.teacher]
     if p.pseudolabel.with_probe:
-        members = [probe_of(meta, out.probes, runtime.device), *extra_probes(p.probe.extra, out.probes, runtime.device)]
+        members = probes_of(meta, out.probes, runtime.device, extra=p.probe.extra)
         model, scored_by = Ensemble([model, *(m for _, m in members)]), [rnd.teacher, *(n for n, _ in members)]
     classes = load_classes(out.data)
     with distributed(runtime) as (rank, _):

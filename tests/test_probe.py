@@ -18,7 +18,7 @@ from sstl.models.checkpoint import load_checkpoint, save_checkpoint
 from sstl.models.classifier import Ensemble
 from sstl.models.factory import create_model
 from sstl.models.inference import infer
-from sstl.pipeline.pseudolabel import probe_of
+from sstl.pipeline.pseudolabel import probes_of
 from sstl.runtime.device import CPU
 
 GRID = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
@@ -110,7 +110,7 @@ def test_the_teacher_with_its_probe_scores_the_mean_of_their_distributions(tmp_p
     save_checkpoint(tmp_path / "teacher.pt", teacher, teacher_cfg, ["0", "1", "2"], 16)
     teacher, meta = load_checkpoint(tmp_path / "teacher.pt")
 
-    name, found = probe_of(meta, probes)
+    [(name, found)] = probes_of(meta, probes)
     assert name == "probe"
     both = Ensemble([teacher, found])
     test = images[90:150]
@@ -122,7 +122,7 @@ def test_the_teacher_with_its_probe_scores_the_mean_of_their_distributions(tmp_p
 
     meta["model"]["arch"] = "convnet_l"  # a teacher no probe shares a backbone with
     with pytest.raises(SstlError, match=r"no probe of the teacher's backbone \(convnet_l.*probe.enabled: true"):
-        probe_of(meta, probes)
+        probes_of(meta, probes)
 
 
 def test_extra_backbones_are_probed_once_and_join_the_teachers_ensemble(tmp_path: Path) -> None:
@@ -131,7 +131,6 @@ def test_extra_backbones_are_probed_once_and_join_the_teachers_ensemble(tmp_path
     the teacher's probe, even where the backbone was trained at another side (Lite1: 240 px, Lite0: 224)."""
     from sstl.params import Params
     from sstl.pipeline.probe import backbones
-    from sstl.pipeline.pseudolabel import extra_probes
 
     lite = {"weights": "imagenet", "head_layers": 0}
     p = Params.model_validate(
@@ -152,12 +151,14 @@ def test_extra_backbones_are_probed_once_and_join_the_teachers_ensemble(tmp_path
     for name, cfg in found.items():
         if name != "probe_student":
             save_checkpoint(probes / f"{name}.pt", create_model(cfg, 3), cfg, classes, 32)
-    [(name, lite1)] = extra_probes(["tf_efficientnet_lite1"], probes)
-    assert name == "probe_tf_efficientnet_lite1" and lite1.data.input_size != 224
+    teacher, meta = load_checkpoint(probes / "probe.pt")  # a Lite0 network as the teacher
+    members = probes_of(meta, probes, extra=["tf_efficientnet_lite1"])
+    assert [n for n, _ in members] == ["probe", "probe_tf_efficientnet_lite1"]
+    lite1 = members[1][1]
+    assert lite1.data.input_size != 224
     with pytest.raises(SstlError, match=r"no probe of probe.extra's tf_efficientnet_lite2 .*dvc repro probe"):
-        extra_probes(["tf_efficientnet_lite2"], probes)
+        probes_of(meta, probes, extra=["tf_efficientnet_lite2"])
 
-    teacher, _ = load_checkpoint(probes / "probe.pt")  # a Lite0 network as the teacher
     images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
     p_teacher, p_lite1 = (infer(m, images, runtime=CPU).softmax(1) for m in (teacher, lite1))
     both = infer(Ensemble([teacher, lite1]), images, runtime=CPU).softmax(1)

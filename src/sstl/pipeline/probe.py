@@ -23,19 +23,18 @@ NAMES = {"teacher": "probe", "student": "probe_student"}  # role -> the probe's 
 
 
 def backbones(p: Params, pretrain: Path) -> dict[str, ModelConfig]:
-    """{probe name: linear-head ModelConfig} for each distinct (arch, weights) of teacher and student."""
-    found: dict[str, ModelConfig] = {}
+    """{probe name: linear-head ModelConfig} for each distinct (arch, weights) of teacher, student and probe.extra."""
+    candidates = []
     for role, cfg in (("teacher", p.teacher), ("student", p.student)):
         model = resolve_weights(cfg, pretrain).model()
-        probe = ModelConfig(
-            arch=model.arch, weights=model.weights, widths=model.widths, resize=model.resize, head_layers=0, dropout=0.0
+        candidates.append(
+            (NAMES[role], ModelConfig(arch=model.arch, weights=model.weights, widths=model.widths, resize=model.resize))
         )
+    candidates += [(f"probe_{arch}", ModelConfig(arch=arch, weights="imagenet")) for arch in p.probe.extra]
+    found: dict[str, ModelConfig] = {}
+    for name, probe in candidates:  # one probe per backbone, the first name it comes under
         if all((probe.arch, probe.weights) != (f.arch, f.weights) for f in found.values()):
-            found[NAMES[role]] = probe
-    for arch in p.probe.extra:  # frozen ImageNet backbones neither model uses
-        probe = ModelConfig(arch=arch, weights="imagenet", head_layers=0, dropout=0.0)
-        if all((probe.arch, probe.weights) != (f.arch, f.weights) for f in found.values()):
-            found[f"probe_{arch}"] = probe
+            found[name] = probe.model_copy(update={"head_layers": 0, "dropout": 0.0})
     return found
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -95,35 +95,34 @@ class Pseudo(NamedTuple):
     ood: list[dict[str, Any]]  # selected, then dropped as of no class: index, path, predicted, similarity, threshold
 
 
-def probe_of(teacher: dict[str, Any], probes: Path, device: torch.device | str = "cpu") -> tuple[str, Classifier]:
-    """(name, model) of the probe stage's frozen-feature probe of the backbone of `teacher` (a checkpoint's
-    payload) in the folder `probes`."""
-    want = (teacher["model"]["arch"], teacher["model"]["weights"])
-    for path in sorted(Path(probes).glob("*.pt")):
-        model, meta = load_checkpoint(path, device)
-        if (meta["model"]["arch"], meta["model"]["weights"]) == want:
-            return path.stem, model
-    raise SstlError(
-        f"pseudolabel.with_probe: no probe of the teacher's backbone ({want[0]}, weights {want[1]}) in {probes}: "
-        "set probe.enabled: true (and re-run the probe stage) or pseudolabel.with_probe: false"
+def probes_of(
+    teacher: dict[str, Any], probes: Path, device: torch.device | str = "cpu", *, extra: Sequence[str] = ()
+) -> list[tuple[str, Classifier]]:
+    """[(name, model)] of the probe stage's frozen-feature probes in the folder `probes`: the probe of the
+    backbone of `teacher` (a checkpoint's payload), then the probe of each ImageNet backbone of `extra`
+    (params probe.extra: frozen backbones neither teacher nor student fine-tunes, which err on other
+    photos), in that order; each checkpoint read once."""
+    wanted = list(
+        dict.fromkeys([(teacher["model"]["arch"], teacher["model"]["weights"])] + [(a, "imagenet") for a in extra])
     )
-
-
-def extra_probes(archs: list[str], probes: Path, device: torch.device | str = "cpu") -> list[tuple[str, Classifier]]:
-    """(name, model) of the probe stage's probe of each ImageNet backbone of `archs` (params probe.extra), in
-    that order: frozen backbones neither teacher nor student fine-tunes, which err on other photos."""
-    found: dict[str, tuple[str, Classifier]] = {}
+    found: dict[tuple[str, str], tuple[str, Classifier]] = {}
     for path in sorted(Path(probes).glob("*.pt")):
         model, meta = load_checkpoint(path, device)
-        if meta["model"]["weights"] == "imagenet" and meta["model"]["arch"] in archs:
-            found[meta["model"]["arch"]] = (path.stem, model)
-    missing = [a for a in archs if a not in found]
+        key = (meta["model"]["arch"], meta["model"]["weights"])
+        if key in wanted and key not in found:
+            found[key] = (path.stem, model)
+    if wanted[0] not in found:
+        raise SstlError(
+            f"pseudolabel.with_probe: no probe of the teacher's backbone ({wanted[0][0]}, weights {wanted[0][1]}) in "
+            f"{probes}: set probe.enabled: true (and re-run the probe stage) or pseudolabel.with_probe: false"
+        )
+    missing = [arch for arch, weights in wanted[1:] if (arch, weights) not in found]
     if missing:
         raise SstlError(
             f"pseudolabel.with_probe: no probe of probe.extra's {', '.join(missing)} in {probes}: re-run the probe "
             "stage (dvc repro probe)"
         )
-    return [found[a] for a in archs]
+    return [found[key] for key in wanted]
 
 
 def _ood_filter(
