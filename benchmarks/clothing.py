@@ -156,9 +156,10 @@ def collect(pipeline: str) -> dict:
     started = min(r.info.start_time for r in by_stage.values())
     ended = max(r.info.end_time or r.info.start_time for r in by_stage.values())
     ev = by_stage["evaluate"].data.metrics
+    extra = sorted({k.split(".")[0] for k in ev if k.startswith("probe_") and k.split(".")[0] != "probe_student"})
     models = {
         m: {"test": ev.get(f"{m}.test.accuracy"), "test_add": ev.get(f"{m}.test-add.accuracy")}
-        for m in ("probe", "probe_student", "teacher", "student", "finetuned")
+        for m in ("probe", "probe_student", *extra, "teacher", "student", "finetuned")  # extra: probe.extra's
         if f"{m}.test.accuracy" in ev
     }
     return {
@@ -213,6 +214,18 @@ def upper_bound(folder: Path, extra: Path) -> dict:
     }
 
 
+def rows(models: dict, names: dict[str, str]) -> list[tuple[str, str]]:
+    """[(model, its row's label)] of `models` in table order: the probes of `names`, then probe.extra's
+    probe_<arch> (labelled here), then the rest of `names` (teacher, students)."""
+    extra = {
+        k: f"baseline: frozen {k.removeprefix('probe_')} + logistic regression (probe.extra; same labels and CV)"
+        for k in models
+        if k.startswith("probe_") and k not in names
+    }
+    probes = {k: v for k, v in names.items() if k.startswith("probe")}
+    return [(k, label) for k, label in (probes | extra | names).items() if k in models]
+
+
 def render(r: dict) -> str:
     def f(v: object) -> str:
         return f"{v:.4f}" if isinstance(v, float) else "—"
@@ -244,10 +257,9 @@ def render(r: dict) -> str:
         else "student (Lite2, + pseudo-labels)",
         "finetuned": "fine-tuned student",
     }
-    for k, name in names.items():
-        if k in m:
-            use = " **(model to use)**" if k == r.get("use") else ""
-            lines.append(f"| {name}{use} | {f(m[k]['test'])} | {f(m[k]['test_add'])} |")
+    for k, name in rows(m, names):
+        use = " **(model to use)**" if k == r.get("use") else ""
+        lines.append(f"| {name}{use} | {f(m[k]['test'])} | {f(m[k]['test_add'])} |")
     ub = r.get("upper_bound")
     if ub:
         at = f" (measured at commit {ub['commit'][:7]})" if ub.get("commit", r["commit"]) != r["commit"] else ""

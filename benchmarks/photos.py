@@ -151,8 +151,9 @@ def run_set(
 
 
 def best_probe(models: dict, split: str = "test") -> float | None:
-    """The higher of the two frozen-feature baselines on `split` (None where neither has it)."""
-    values = [models[k][split] for k in ("probe", "probe_student") if models.get(k, {}).get(split) is not None]
+    """The highest of the frozen-feature baselines (probe, probe_student, probe.extra's probe_<arch>) on
+    `split` (None where none has it)."""
+    values = [v[split] for k, v in models.items() if k.startswith("probe") and v.get(split) is not None]
     return max(values, default=None)
 
 
@@ -220,10 +221,9 @@ def render(records: dict) -> str:
             "| model | test acc | test-add acc |",
             "|---|---|---|",
         ]
-        for k, label in MODELS.items():
-            if k in m:
-                mark = " **(model to use)**" if k == use else ""
-                lines.append(f"| {label}{mark} | {f(m[k]['test'])} | {f(m[k]['test_add'])} |")
+        for k, label in clothing.rows(m, MODELS):
+            mark = " **(model to use)**" if k == use else ""
+            lines.append(f"| {label}{mark} | {f(m[k]['test'])} | {f(m[k]['test_add'])} |")
         ub = r.get("upper_bound")
         if ub:
             n = ub["n_train"] + ub["n_val"]
