@@ -184,6 +184,18 @@ def test_tune_space_values_must_be_valid_teacher_values(repo_raw: dict[str, Any]
     assert "swishy" in msg
 
 
+def test_a_key_the_consistency_student_never_reads_fails_loudly(repo_raw: dict[str, Any]) -> None:
+    """student.method fixmatch runs its own cosine schedule and soft targets: class weights or a linear
+    schedule asked of it would be silently ignored, so they are refused, naming the key and both fixes."""
+    fixmatch = with_change(repo_raw, "student.method", "fixmatch")
+    assert parse_params(fixmatch).student.method == "fixmatch"  # the defaults pass
+    msg = error_of(with_change(fixmatch, "student.class_weights", True))
+    assert "student.class_weights" in msg and "student.method: noisy" in msg and "set it to false" in msg
+    assert "student.lr_schedule" in error_of(with_change(fixmatch, "student.lr_schedule", "linear"))
+    noisy = with_change(repo_raw, "student.class_weights", True)
+    assert parse_params(noisy).student.class_weights, "the noisy student reads it"
+
+
 def test_tune_space_float_bounds_on_an_integer_key_are_rejected(repo_raw: dict[str, Any]) -> None:
     # 2.0 and 5.0 make a real-valued range, whose inner points are no valid block counts
     raw = with_change(repo_raw, "tune.space.unfreeze_blocks", {"low": 2.0, "high": 5.0})

@@ -116,9 +116,41 @@ class StudentParams(TeacherParams):
     method: Literal["noisy", "fixmatch"] = Field(
         "noisy",
         description="noisy: trained on labelled + pseudo-labelled photos (the seeds' noisy student); fixmatch: "
-        "consistency training on the whole pool, the top blocks on cached bottom activations (`consistency`)",
+        "consistency training on the whole pool, the top blocks on cached bottom activations (`consistency`), "
+        "its own cosine schedule: class_weights, lr_schedule, lookahead, bias_lr_scale, monitor and pseudo_targets "
+        "are the noisy student's and refused away from their defaults",
     )
     consistency: ConsistencyConfig = ConsistencyConfig()
+
+    @model_validator(mode="after")
+    def _fixmatch_reads_it(self) -> StudentParams:
+        # the consistency student runs FixMatch's own schedule (cosine over `epochs` passes, last weights) and
+        # distils soft targets: a key it never reads, set away from its default, fails here, not quietly
+        if self.method == "fixmatch":
+            for key, default in _FIXMATCH_IGNORES.items():
+                if getattr(self, key) != default:
+                    raise ValueError(
+                        f"student.{key}: {_yaml(getattr(self, key))} has no effect with student.method fixmatch "
+                        f"(FixMatch's cosine schedule over student.epochs, soft distillation targets): set it to "
+                        f"{_yaml(default)} or student.method: noisy"
+                    )
+        return self
+
+
+# what the noisy student reads and the consistency one does not (sstl.train.consistency), with their defaults
+_FIXMATCH_IGNORES: dict[str, object] = {
+    "class_weights": False,
+    "lr_schedule": "plateau",
+    "lookahead": False,
+    "bias_lr_scale": 1.0,
+    "monitor": "val_loss",
+    "pseudo_targets": "hard",
+}
+
+
+def _yaml(value: object) -> str:
+    """`value` as params.yaml spells it (false, not False)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 class FinetuneParams(Strict):
