@@ -127,7 +127,8 @@ class StudentParams(TeacherParams):
         # the consistency student runs FixMatch's own schedule (cosine over `epochs` passes, last weights) and
         # distils soft targets: a key it never reads, set away from its default, fails here, not quietly
         if self.method == "fixmatch":
-            for key, default in _FIXMATCH_IGNORES.items():
+            for key in _FIXMATCH_IGNORES:
+                default = type(self).model_fields[key].default
                 if getattr(self, key) != default:
                     raise ValueError(
                         f"student.{key}: {_yaml(getattr(self, key))} has no effect with student.method fixmatch "
@@ -137,15 +138,8 @@ class StudentParams(TeacherParams):
         return self
 
 
-# what the noisy student reads and the consistency one does not (sstl.train.consistency), with their defaults
-_FIXMATCH_IGNORES: dict[str, object] = {
-    "class_weights": False,
-    "lr_schedule": "plateau",
-    "lookahead": False,
-    "bias_lr_scale": 1.0,
-    "monitor": "val_loss",
-    "pseudo_targets": "hard",
-}
+# what the noisy student reads and the consistency one does not (sstl.train.consistency)
+_FIXMATCH_IGNORES = ("class_weights", "lr_schedule", "lookahead", "bias_lr_scale", "monitor", "pseudo_targets")
 
 
 def _yaml(value: object) -> str:

@@ -35,6 +35,13 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[Classifier, dict[str, Any]]:
+    """(the model, the payload) of the checkpoint at `path`."""
+    payload = read_checkpoint(path)
+    return model_of(payload, path, device), payload
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The payload of the checkpoint at `path`, checked, no network built: enough to read its config."""
     if not Path(path).is_file():
         raise SstlError(f"model {path} not found: run the pipeline first (`sstl run`) or pass --model")
     payload = torch_load(Path(path))
@@ -43,6 +50,11 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[Cla
             f"{path} is not an sstl checkpoint (no model config, classes and weights): pass a model a stage "
             "wrote, e.g. models/finetuned.pt (a plain state_dict goes to teacher.weights instead)"
         )
+    return payload
+
+
+def model_of(payload: dict[str, Any], path: Path, device: torch.device | str = "cpu") -> Classifier:
+    """The network of a checkpoint's `payload` (read from `path`), in eval mode on `device`."""
     cfg = ModelConfig.model_validate({**payload["model"], "weights": "none"})
     model = create_model(cfg, len(payload["classes"]))
     try:
@@ -55,5 +67,4 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[Cla
         model.data = DataConfig.model_validate(payload["data"])
         model.mean.copy_(torch.tensor(model.data.mean).view(1, 3, 1, 1))
         model.std.copy_(torch.tensor(model.data.std).view(1, 3, 1, 1))
-    model.to(device).eval()
-    return model, payload
+    return model.to(device).eval()

@@ -15,7 +15,7 @@ from sstl.config.pseudo import SelectConfig
 from sstl.core.errors import SstlError
 from sstl.core.files import file_digest, read_csv
 from sstl.data.dataset import ImageSet, load_images, load_split
-from sstl.models.checkpoint import load_checkpoint
+from sstl.models.checkpoint import model_of, read_checkpoint
 from sstl.models.classifier import Classifier
 from sstl.models.inference import infer
 from sstl.pseudo.ood import in_distribution
@@ -107,10 +107,10 @@ def probes_of(
     )
     found: dict[tuple[str, str], tuple[str, Classifier]] = {}
     for path in sorted(Path(probes).glob("*.pt")):
-        model, meta = load_checkpoint(path, device)
-        key = (meta["model"]["arch"], meta["model"]["weights"])
+        payload = read_checkpoint(path)  # a network built only for the probes wanted
+        key = (payload["model"]["arch"], payload["model"]["weights"])
         if key in wanted and key not in found:
-            found[key] = (path.stem, model)
+            found[key] = (path.stem, model_of(payload, path, device))
     if wanted[0] not in found:
         raise SstlError(
             f"pseudolabel.with_probe: no probe of the teacher's backbone ({wanted[0][0]}, weights {wanted[0][1]}) in "
